@@ -1,0 +1,3 @@
+"""shd-vision: knowledge distillation of vision transformers, Squeezing-Heads Distillation first."""
+
+__version__ = "0.1.0"

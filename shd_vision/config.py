@@ -1,0 +1,299 @@
+"""Structured configs: the schema every composed config is typed against, and its range checks.
+
+Values live in the YAML files under ``conf/``; the dataclasses here give every key its type
+and, through field metadata, its valid range. Hydra checks types while composing;
+:func:`check_config` checks ranges and choices and raises :class:`UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from shd_vision.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def greater_than(bound: float, default: Any = MISSING) -> Any:
+    return field(default=default, metadata={"gt": bound})
+
+
+def at_least(bound: float, default: Any = MISSING) -> Any:
+    return field(default=default, metadata={"ge": bound})
+
+
+def between(lo: float, hi: float, default: Any = MISSING) -> Any:
+    return field(default=default, metadata={"ge": lo, "le": hi})
+
+
+def one_of(*choices: Any, default: Any = MISSING) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    data_dir: str = MISSING
+    log_dir: str = MISSING
+    teacher_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class AugConfig:
+    """Training augmentation, passed to ``timm.data.create_transform``."""
+
+    scale: List[float] = MISSING
+    ratio: List[float] = MISSING
+    hflip: float = between(0.0, 1.0)
+    vflip: float = between(0.0, 1.0)
+    color_jitter: Optional[float] = at_least(0.0, None)
+    auto_augment: Optional[str] = None
+    re_prob: float = between(0.0, 1.0)
+    re_mode: str = one_of("const", "rand", "pixel", default="pixel")
+    re_count: int = at_least(1, 1)
+    interpolation: str = MISSING
+    crop_pct: Optional[float] = between(0.01, 1.0, None)
+
+
+@dataclass
+class MixupConfig:
+    """Mixup/CutMix (``timm.data.Mixup``) and label smoothing; all zero turns both off."""
+
+    mixup_alpha: float = at_least(0.0)
+    cutmix_alpha: float = at_least(0.0)
+    prob: float = between(0.0, 1.0)
+    switch_prob: float = between(0.0, 1.0)
+    mode: str = one_of("batch", "pair", "elem", default="batch")
+    label_smoothing: float = between(0.0, 0.99)
+
+
+@dataclass
+class DataConfig:
+    name: str = one_of("fashion_mnist", "imagefolder", "synthetic", "digits")
+    root: Optional[str] = None
+    num_classes: Optional[int] = greater_than(0, None)
+    train_split: str = MISSING
+    val_split: str = MISSING
+    train_size: Optional[int] = greater_than(0, None)
+    val_size: Optional[int] = greater_than(0, None)
+    batch_size: int = greater_than(0)
+    eval_batch_size: Optional[int] = greater_than(0, None)
+    num_workers: int = at_least(0)
+    pin_memory: bool = MISSING
+    img_size: Optional[int] = greater_than(0, None)
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    repeated_aug: int = at_least(0)
+    aug: AugConfig = field(default_factory=AugConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+
+
+@dataclass
+class KDConfig:
+    """A distillation method: weighted loss terms, each one registered in ``shd_vision.distill``."""
+
+    name: str = MISSING
+    terms: Dict[str, Any] = MISSING
+
+
+@dataclass
+class OptimConfig:
+    """Passed to ``timm.optim.create_optimizer_v2``; ``lr`` null derives it from ``lr_base``."""
+
+    opt: str = MISSING
+    lr: Optional[float] = greater_than(0.0, None)
+    lr_base: float = greater_than(0.0)
+    lr_base_size: int = greater_than(0)
+    lr_base_scale: str = one_of("linear", "sqrt", default="linear")
+    weight_decay: float = at_least(0.0)
+    momentum: float = at_least(0.0)
+    layer_decay: Optional[float] = between(0.0, 1.0, None)
+    betas: Optional[List[float]] = None
+    eps: Optional[float] = greater_than(0.0, None)
+
+
+@dataclass
+class SchedConfig:
+    """Passed to ``timm.scheduler.create_scheduler_v2`` (stepped every update)."""
+
+    sched: str = one_of("cosine", "tanh", "step", "multistep", "poly", "constant", default="cosine")
+    warmup_epochs: int = at_least(0)
+    warmup_lr: float = at_least(0.0)
+    min_lr: float = at_least(0.0)
+    decay_epochs: Optional[float] = greater_than(0.0, None)
+    decay_milestones: List[int] = MISSING
+    decay_rate: float = greater_than(0.0)
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = MISSING
+    decay: float = between(0.0, 1.0)
+    warmup: bool = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = greater_than(0)
+    max_steps: Optional[int] = greater_than(0, None)
+    device: str = MISSING
+    precision: str = one_of("32", "bf16", "fp16", default="32")
+    compile: bool = MISSING
+    channels_last: bool = MISSING
+    grad_clip: Optional[float] = greater_than(0.0, None)
+    accumulate: int = greater_than(0)
+    log_every: int = greater_than(0)
+    ckpt_every_steps: int = at_least(0)
+    resume: Optional[str] = None
+    threads: Optional[int] = greater_than(0, None)
+    dist_backend: str = one_of("auto", "nccl", "gloo", default="auto")
+    export: bool = MISSING
+    eval_teacher: bool = MISSING
+    allow_random_teacher: bool = MISSING
+    ema: EmaConfig = field(default_factory=EmaConfig)
+
+
+@dataclass
+class WandbConfig:
+    project: str = MISSING
+    entity: Optional[str] = None
+    mode: str = one_of("online", "offline", "disabled", default="offline")
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    log_images: bool = MISSING
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = MISSING
+    wandb: Optional[WandbConfig] = None
+
+
+@dataclass
+class TrainConfig:
+    task_name: str = MISSING
+    run_name: str = MISSING
+    seed: int = at_least(0)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: Dict[str, Any] = MISSING
+    teacher: Optional[Dict[str, Any]] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class EvalConfig:
+    task_name: str = MISSING
+    run_name: str = MISSING
+    ckpt: str = MISSING
+    use_ema: bool = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: Optional[Dict[str, Any]] = None
+    data: Optional[DataConfig] = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_schemas() -> None:
+    """Put the schemas in Hydra's ConfigStore (the primary configs list them first)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+
+
+def check_config(cfg: DictConfig, prefix: str = "") -> None:
+    """Check every value against the range and choices its schema field declares.
+
+    Raises:
+        UserError: naming the first key whose value is out of range.
+    """
+    schema = OmegaConf.get_type(cfg)
+    if not is_dataclass(schema):
+        return
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        value = cfg[f.name]
+        if isinstance(value, DictConfig):
+            check_config(value, key + ".")
+            continue
+        if value is None:
+            continue
+        meta = f.metadata
+        if "choices" in meta and value not in meta["choices"]:
+            valid = ", ".join(str(c) for c in meta["choices"])
+            raise UserError(f"{key}={value} is not a valid choice; use one of: {valid}.")
+        bad = (("gt" in meta and not value > meta["gt"]) or ("ge" in meta and not value >= meta["ge"])
+               or ("le" in meta and not value <= meta["le"]))
+        if bad:
+            raise UserError(f"{key}={value} is out of range: it must be {_describe_range(meta)}.")
+
+
+def _describe_range(meta: Any) -> str:
+    parts = []
+    if "gt" in meta:
+        parts.append(f"greater than {meta['gt']}")
+    if "ge" in meta:
+        parts.append(f"at least {meta['ge']}")
+    if "le" in meta:
+        parts.append(f"at most {meta['le']}")
+    return " and ".join(parts)
+
+
+def run_stamp() -> str:
+    """Timestamp that names a run directory, the same on every local rank of one torchrun.
+
+    torchrun workers are children of one agent process, which also outlives worker restarts,
+    so its start time names one directory for the whole launch (and ``trainer.resume=auto``
+    finds the checkpoints of the attempt before). Elsewhere it is the current time.
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        started = _process_start_time(os.getppid())
+        if started is not None:
+            return started.strftime("%Y-%m-%d_%H-%M-%S")
+    return _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _process_start_time(pid: int) -> Optional[_dt.datetime]:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    ticks = int(stat[19])  # field 22 of /proc/PID/stat, counted after the command name
+    return _dt.datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def global_rank() -> int:
+    """This process's rank in a torchrun or SLURM job, read before torch.distributed starts."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
+def _rank_zero_only(value: Any) -> Any:
+    return value if global_rank() == 0 else None
+
+
+def register_resolvers() -> None:
+    resolvers = {
+        "project_root": lambda: str(PROJECT_ROOT),
+        "run_stamp": run_stamp,
+        "rank_zero_only": _rank_zero_only,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)
+
+
+register_schemas()
+register_resolvers()

@@ -1,0 +1,164 @@
+"""The method registry and the module that turns a batch into named, weighted loss terms.
+
+A distillation method is one :class:`Method` subclass registered with :func:`register`, plus its
+config dataclass. ``kd.terms`` in the config lists methods with weights; the :class:`Distiller`
+builds the ones with a non-zero weight, asks each what it needs from the two forwards
+(:class:`Needs`), runs the student, and returns ``{name: weight * loss}`` for the loop to sum.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Type
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor, nn
+
+from shd_vision.config import at_least, check_config
+from shd_vision.errors import UserError
+from shd_vision.models.taps import Capture, Outputs, Tap, token_layout
+
+METHODS: Dict[str, Type["Method"]] = {}
+
+
+@dataclass
+class TermConfig:
+    """Every term has a weight; a weight of 0 leaves the term out of the run."""
+
+    weight: float = at_least(0.0)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method reads from the forwards of one step."""
+
+    dist_token: bool = False  # a distilled student returns (class, distillation) logits
+    student: Capture = field(default_factory=Capture)
+    teacher_capture: Capture = field(default_factory=Capture)
+    teacher_token_grad: bool = False  # graph from the teacher's tokens to its logits
+
+    def __or__(self, other: "Needs") -> "Needs":
+        return Needs(self.dist_token or other.dist_token,
+                     self.student | other.student, self.teacher_capture | other.teacher_capture,
+                     self.teacher_token_grad or other.teacher_token_grad)
+
+
+@dataclass
+class Batch:
+    images: Tensor  # [B, C, H, W], normalised for the student
+    targets: Tensor  # [B] class indices, or [B, C] probabilities (mixup, label smoothing)
+    labels: Tensor  # [B] class indices (the largest target under mixup)
+
+
+class Method(nn.Module, abc.ABC):
+    """One loss term. Subclasses set ``Config`` and implement ``needs`` and ``forward``.
+
+    Args:
+        cfg: the term's config (a ``Config`` instance checked against its schema).
+        student: the student model.
+        teacher: the teacher model, or None when no active method uses one.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = TermConfig
+    uses_teacher: ClassVar[bool] = True
+
+    def __init__(self, cfg: Any, student: nn.Module, teacher: Optional[nn.Module]):
+        super().__init__()
+        self.cfg = cfg
+
+    @abc.abstractmethod
+    def needs(self) -> Needs:
+        """What this method reads from the student's and the teacher's forwards."""
+
+    @abc.abstractmethod
+    def forward(self, batch: Batch, student: Outputs, teacher: Optional[Outputs]
+                ) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Returns the unweighted loss (a scalar) and diagnostics to log (scalars)."""
+
+
+def register(name: str) -> Callable[[Type[Method]], Type[Method]]:
+    """Class decorator adding a method to the registry under ``name`` (its ``kd.terms`` key)."""
+    def add(cls: Type[Method]) -> Type[Method]:
+        if name in METHODS:
+            raise ValueError(f"two distillation methods are registered as '{name}'")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return add
+
+
+def term_config(name: str, node: Any) -> Any:
+    """Check one ``kd.terms.<name>`` entry against its method's schema."""
+    if name not in METHODS:
+        raise UserError(f"kd.terms.{name}: there is no distillation method '{name}'; registered "
+                        f"methods: {', '.join(sorted(METHODS))}.")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(METHODS[name].Config), node)
+        OmegaConf.to_container(cfg, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        valid = ", ".join(f.name for f in METHODS[name].Config.__dataclass_fields__.values())
+        raise UserError(f"kd.terms.{name} is invalid ({str(e).splitlines()[0]}); its keys are: "
+                        f"{valid}.") from None
+    check_config(cfg, f"kd.terms.{name}.")
+    return cfg
+
+
+def uses_teacher(terms: Dict[str, Any]) -> bool:
+    return any(METHODS[name].uses_teacher for name in terms)
+
+
+def active_terms(kd: DictConfig) -> Dict[str, Any]:
+    """The checked configs of the terms with a non-zero weight, in config order."""
+    terms = {name: term_config(name, node) for name, node in kd.terms.items()}
+    active = {name: cfg for name, cfg in terms.items() if cfg.weight > 0}
+    if not active:
+        raise UserError(f"kd={kd.name} has no term with a weight above 0; give at least one "
+                        f"kd.terms.<name>.weight a positive value.")
+    return active
+
+
+class Distiller(nn.Module):
+    """The trainable side of a step: the student and the methods (with any parameters of their own).
+
+    ``forward`` runs the student on the batch, lets every method compute its loss from the
+    student's and the teacher's outputs, and returns the weighted terms. Wrapping this module
+    in DDP synchronises the student and the methods' parameters (FitNet's projectors) alike;
+    the teacher stays outside.
+    """
+
+    def __init__(self, student: nn.Module, terms: Dict[str, Any], teacher: Optional[nn.Module] = None):
+        super().__init__()
+        self.student = student
+        self.weights = {name: float(cfg.weight) for name, cfg in terms.items()}
+        self.methods = nn.ModuleDict({name: METHODS[name](cfg, student, teacher)
+                                      for name, cfg in terms.items()})
+        self.needs = Needs()
+        for method in self.methods.values():
+            self.needs = self.needs | method.needs()
+        if self.needs.dist_token:
+            if not hasattr(student, "set_distilled_training"):
+                raise UserError(
+                    f"kd.terms uses the distillation token but the student "
+                    f"({student.pretrained_cfg.get('architecture')}) has none; pick a distilled "
+                    "DeiT student: model=deit_tiny_distilled, deit_small_distilled, "
+                    "deit_base_distilled or vit_fmnist_student_distilled.")
+            student.set_distilled_training(True)
+        self.tap = Tap(student, self.needs.student, "student")
+        self.layout = token_layout(student) if self.needs.student != Capture() else None
+
+    def forward(self, batch: Batch, teacher: Optional[Outputs]
+                ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Tensor]:
+        """Returns ``(terms, logs, logits)``: weighted loss terms, diagnostics, student logits."""
+        with self.tap.recording_on():
+            out = self.student(batch.images)
+        logits, dist_logits = out if isinstance(out, tuple) else (out, None)
+        student = Outputs(logits, dist_logits, self.tap.pop(), self.layout, self.student)
+        terms, logs = {}, {}
+        for name, method in self.methods.items():
+            loss, extra = method(batch, student, teacher)
+            terms[name] = self.weights[name] * loss
+            logs.update({f"{name}/{k}": v for k, v in extra.items()})
+        return terms, logs, logits

@@ -1,0 +1,139 @@
+"""Where a run's numbers go: the console and ``train.log``, ``metrics.jsonl``, ``metrics.csv``.
+
+Only the main process writes. Every record is one JSON line with ``step``, ``epoch``,
+``split`` (``train`` or ``val``) and the values; the CSV is written from them at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional
+
+log = logging.getLogger("shd_vision")
+
+_FORMAT = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+
+
+@contextlib.contextmanager
+def run_logging(run_dir: Path, is_main: bool, filename: str) -> Iterator[None]:
+    """Send the ``shd_vision`` logger to ``run_dir/filename`` for the run; quiet other ranks."""
+    logger = logging.getLogger("shd_vision")
+    handler: Optional[logging.Handler] = None
+    previous = logger.level
+    if is_main:
+        logger.setLevel(logging.INFO)
+        handler = logging.FileHandler(run_dir / filename)
+        handler.setFormatter(_FORMAT)
+        logger.addHandler(handler)
+        if not logging.getLogger().handlers:  # not under Hydra: print to the console too
+            console = logging.StreamHandler()
+            console.setFormatter(_FORMAT)
+            logging.getLogger().addHandler(console)
+    else:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(previous)
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Throughput:
+    """Training samples per second and time left; the clock runs only between ``start`` and
+    ``stop``, so validation and checkpoint writes do not count."""
+
+    def __init__(self, total_steps: int):
+        self.total = total_steps
+        self.samples, self.seconds = 0, 0.0
+        self._since: Optional[float] = None
+        self._window = [0, 0, 0.0]  # samples, steps, seconds since the last read
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            dt = time.perf_counter() - self._since
+            self.seconds += dt
+            self._window[2] += dt
+            self._since = None
+
+    def step(self, samples: int) -> None:
+        self.samples += samples
+        self._window[0] += samples
+        self._window[1] += 1
+
+    def read(self, step: int) -> Dict[str, float]:
+        """Rate over the steps since the last read, and the training time to the last step."""
+        self.stop()
+        self.start()
+        samples, steps, seconds = self._window
+        self._window = [0, 0, 0.0]
+        seconds = max(seconds, 1e-9)
+        return {"samples_per_s": samples / seconds, "eta_s": (self.total - step) * seconds / max(steps, 1)}
+
+    @property
+    def mean_rate(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+class Logbook:
+    """Appends records to ``metrics.jsonl`` and forwards them to the extra sinks."""
+
+    def __init__(self, run_dir: Path, enabled: bool, csv_file: bool, sinks: List[Any] = ()):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled, self.csv_file, self.sinks = enabled, csv_file, list(sinks)
+
+    def write(self, split: str, step: int, epoch: float, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"split": split, "step": step, "epoch": round(epoch, 4), **{k: float(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log(split, step, values)
+
+    def images(self, step: int, images: Mapping[str, Path]) -> None:
+        if self.enabled:
+            for sink in self.sinks:
+                sink.images(step, images)
+
+    def close(self, summary: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.csv_file and self.path.exists():
+            write_csv(read_jsonl(self.path), self.path.with_suffix(".csv"))
+        for sink in self.sinks:
+            sink.finish(summary)
+
+
+def read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_csv(records: List[Dict[str, Any]], path: Path) -> None:
+    columns: List[str] = []
+    for r in records:
+        columns += [k for k in r if k not in columns]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)

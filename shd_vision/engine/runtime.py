@@ -1,0 +1,117 @@
+"""Where a run executes: the device, the process group (torchrun or SLURM), seeds, precision."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from shd_vision.errors import UserError
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.device={name} but this machine has no usable CUDA GPU "
+                            f"(torch {torch.__version__}); use trainer.device=cpu or auto.")
+        if name == "cuda":
+            return torch.device("cuda", local_rank)
+        index = int(name.split(":")[1]) if name.split(":")[1].isdigit() else -1
+        if not 0 <= index < torch.cuda.device_count():
+            raise UserError(f"trainer.device={name}: this machine has {torch.cuda.device_count()} "
+                            "GPU(s); use cuda, auto or cuda:N with N below that.")
+        return torch.device("cuda", index)
+    raise UserError(f"trainer.device={name} is not a device; use auto, cpu, cuda or cuda:N.")
+
+
+def setup(trainer: DictConfig) -> Runtime:
+    """The device and, under torchrun (``WORLD_SIZE`` > 1), the process group.
+
+    NCCL on GPUs and gloo on CPUs unless ``trainer.dist_backend`` says otherwise.
+    """
+    if trainer.threads:
+        torch.set_num_threads(trainer.threads)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(trainer.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = trainer.dist_backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=30),
+                                device_id=device if backend == "nccl" else None)
+    return Runtime(device, rank, world, local_rank)
+
+
+def teardown(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def amp_dtype(precision: str) -> Optional[torch.dtype]:
+    return {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(rt: Runtime, precision: str):
+    dtype = amp_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=rt.device.type, dtype=dtype)
+
+
+def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Sum a tensor over all processes (in place; a no-op in a single process)."""
+    if rt.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast(value: Any, rt: Runtime) -> Any:
+    """Rank 0's ``value`` on every rank (any picklable object)."""
+    if not rt.distributed:
+        return value
+    box: List[Any] = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()

@@ -1,0 +1,439 @@
+"""``train(cfg)``: one distillation run, from a composed config to a summary.
+
+Reading order: :func:`train` sets up the process and the run directory; :class:`Run` builds
+the models, data, optimiser and schedule (``__init__``), restores a checkpoint
+(``restore``), and trains (``fit``: epochs of ``train_epoch`` steps, each epoch ending in
+``validate_and_save``), then writes the summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+
+from shd_vision.config import check_config
+from shd_vision.data.loaders import batches, build_data, open_splits, resolve_input
+from shd_vision.distill import Batch, Distiller
+from shd_vision.distill.base import active_terms, uses_teacher
+from shd_vision.engine import runtime
+from shd_vision.engine.checkpoint import (FORMAT_VERSION, Checkpoints, export_student, load,
+                                          rng_state, set_rng_state)
+from shd_vision.engine.logbook import Logbook, Throughput, format_duration, read_jsonl, run_logging
+from shd_vision.engine.metrics import evaluate
+from shd_vision.errors import UserError
+from shd_vision.models.factory import count_params, create_student, create_teacher
+from shd_vision.models.teacher import Teacher
+from shd_vision.models.weights import FORMAT_KEY
+from shd_vision.viz.plots import confusion_png, curves_png
+
+log = logging.getLogger("shd_vision.train")
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0  # the epoch in progress (0-based)
+    epoch_batches: int = 0  # batches of that epoch already trained on
+    best_top1: float = -1.0
+    best_epoch: int = -1
+
+
+def train(cfg: DictConfig) -> Dict[str, Any]:
+    """Train the student ``cfg`` describes; returns the summary also written to ``summary.json``."""
+    check_config(cfg)
+    rt = runtime.setup(cfg.trainer)
+    try:
+        run_dir = _prepare_run_dir(cfg, rt)
+        with run_logging(run_dir, rt.is_main, "train.log"):
+            return Run(cfg, rt, run_dir).fit()
+    finally:
+        runtime.teardown(rt)
+
+
+def _prepare_run_dir(cfg: DictConfig, rt: runtime.Runtime) -> Path:
+    """Create the run directory on rank 0, refusing to overwrite another run's checkpoints."""
+    run_dir, problem = Path(cfg.paths.output_dir).absolute(), None
+    if rt.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            problem = (f"the run directory {run_dir} is not writable ({e.strerror or e}); set "
+                       "paths.log_dir=DIR (or hydra.run.dir=DIR) to a writable place.")
+        existing = [] if problem else Checkpoints(run_dir).existing()
+        if existing and not cfg.trainer.resume:
+            problem = (f"{run_dir} already holds checkpoints ({', '.join(p.name for p in existing)}) of "
+                       "an earlier run, and they are never overwritten: continue that run with "
+                       "trainer.resume=auto, or start a new one elsewhere (run_name=NAME or hydra.run.dir=DIR).")
+    run_dir, problem = runtime.broadcast((run_dir, problem), rt)
+    if problem:
+        raise UserError(problem)
+    return run_dir
+
+
+def _scaled_lr(optim: DictConfig, global_batch: int) -> float:
+    ratio = global_batch / optim.lr_base_size
+    return optim.lr_base * (ratio if optim.lr_base_scale == "linear" else math.sqrt(ratio))
+
+
+class Run:
+    """The objects of one training run and the loop over them."""
+
+    def __init__(self, cfg: DictConfig, rt: runtime.Runtime, run_dir: Path):
+        self.cfg, self.rt, self.run_dir = cfg, rt, run_dir
+        tr = cfg.trainer
+        self.t0 = time.perf_counter()
+        terms = active_terms(cfg.kd)
+        runtime.seed_everything(cfg.seed)  # identical initial weights on every rank
+
+        splits = open_splits(cfg.data)
+        self.classes = splits[2]
+        self.student = create_student(cfg.model, len(self.classes))
+        self.data_config = resolve_input(cfg.data, self.student)
+        teacher_model = norm = None
+        if uses_teacher(terms):
+            if cfg.teacher is None:
+                raise UserError(f"kd={cfg.kd.name} distils from a teacher (terms: {', '.join(terms)}) "
+                                "but teacher is null; pick one, e.g. teacher=deit_small, or use kd=none.")
+            teacher_model, norm = create_teacher(cfg.teacher, len(self.classes), tr.allow_random_teacher)
+        self.distiller = Distiller(self.student, terms, teacher_model)
+        needs = self.distiller.needs
+        self.teacher = None if teacher_model is None else Teacher(
+            teacher_model, norm, self.data_config, needs.teacher_capture, needs.teacher_token_grad)
+
+        self.data = build_data(cfg.data, splits, self.data_config, cfg.seed, rt.rank, rt.world)
+        self.distiller.to(rt.device)
+        if self.teacher is not None:
+            self.teacher.to(rt.device)
+        if tr.channels_last:
+            self.student.to(memory_format=torch.channels_last)
+        if tr.compile:
+            self.student.compile()
+            if self.teacher is not None:
+                self.teacher.model.compile()
+
+        self.global_batch = cfg.data.batch_size * rt.world * tr.accumulate
+        self.lr = cfg.optim.lr or _scaled_lr(cfg.optim, self.global_batch)
+        self.optimizer = self._optimizer()
+        self.updates_per_epoch = len(self.data.train) // tr.accumulate
+        if self.updates_per_epoch == 0:
+            raise UserError(f"trainer.accumulate={tr.accumulate} is more than the {len(self.data.train)} "
+                            "batches of an epoch; lower it or use more data.")
+        s = cfg.sched
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=s.sched, num_epochs=tr.epochs, updates_per_epoch=self.updates_per_epoch,
+            warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr, min_lr=s.min_lr,
+            decay_epochs=s.decay_epochs, decay_milestones=list(s.decay_milestones), decay_rate=s.decay_rate,
+            step_on_epochs=False)
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=tr.precision == "fp16")
+        self.ema = ModelEmaV3(self.student, decay=tr.ema.decay, use_warmup=tr.ema.warmup) if tr.ema.enabled else None
+        self.model = (DistributedDataParallel(self.distiller, device_ids=[rt.device.index]
+                                              if rt.device.type == "cuda" else None)
+                      if rt.distributed else self.distiller)
+        self.total_steps = tr.epochs * self.updates_per_epoch
+        if tr.max_steps:
+            self.total_steps = min(self.total_steps, tr.max_steps)
+        self.checkpoints = Checkpoints(run_dir)
+        self.state = TrainState()
+        self.last_val: Dict[str, Any] = {}
+        self.teacher_top1: Optional[float] = None
+        self.logbook = Logbook(run_dir, rt.is_main, cfg.logger.csv)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        extra = {k: (tuple(v) if k == "betas" else v) for k, v in (("betas", o.betas), ("eps", o.eps))
+                 if v is not None}
+        try:
+            optimizer = create_optimizer_v2(self.student, opt=o.opt, lr=self.lr, weight_decay=o.weight_decay,
+                                            momentum=o.momentum, layer_decay=o.layer_decay, **extra)
+        except (ValueError, AssertionError, KeyError, TypeError) as e:
+            raise UserError(f"optim.opt={o.opt} could not be built by timm ({e}); common choices: adamw, "
+                            "sgd, lamb, lion, adopt (timm.optim.list_optimizers() lists all).") from None
+        own = [p for p in self.distiller.methods.parameters() if p.requires_grad]
+        if own:  # e.g. FitNet's projectors train with the student
+            optimizer.add_param_group({"params": own, "weight_decay": o.weight_decay})
+        return optimizer
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        rngs = [None] * self.rt.world
+        if self.rt.distributed:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        ckpt = {
+            FORMAT_KEY: FORMAT_VERSION,
+            "model": self.student.state_dict(),
+            "methods": self.distiller.methods.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": asdict(self.state),
+            "rng": rngs,
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
+            "classes": list(self.classes),
+            "metrics": {k: v for k, v in self.last_val.items() if k != "confusion"},
+        }
+        if self.ema is not None:
+            ckpt["model_ema"] = self.ema.module.state_dict()
+        return ckpt
+
+    def save(self, is_best: bool) -> None:
+        ckpt = self.state_dict()  # every rank joins the RNG gather
+        if self.rt.is_main:
+            self.checkpoints.save(ckpt, is_best)
+        runtime.barrier(self.rt)
+
+    def restore(self) -> None:
+        """Continue from ``trainer.resume`` (``auto``: this run's newest readable checkpoint)."""
+        resume = self.cfg.trainer.resume
+        if not resume:
+            return
+        if resume == "auto":
+            found = self.checkpoints.newest_readable() if self.rt.is_main else None
+            path = runtime.broadcast(found[0] if found else None, self.rt)
+            if path is None:
+                log.info("trainer.resume=auto: no checkpoint in %s yet, starting from scratch", self.run_dir)
+                return
+        else:
+            path = Path(resume)
+        ckpt = load(path, "trainer.resume")
+        try:
+            self.student.load_state_dict(ckpt["model"])
+            self.distiller.methods.load_state_dict(ckpt["methods"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"trainer.resume={path} does not fit this run's config (model, kd terms "
+                            f"or optimiser differ: {str(e).splitlines()[0]}); resume with the config "
+                            "the checkpoint was written with (it is stored inside it).") from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and "model_ema" in ckpt:
+            self.ema.module.load_state_dict(ckpt["model_ema"])
+        self.state = TrainState(**ckpt["state"])
+        self.last_val = dict(ckpt.get("metrics", {}))
+        if len(ckpt["rng"]) == self.rt.world:
+            set_rng_state(ckpt["rng"][self.rt.rank])
+        else:
+            log.warning("the checkpoint was written by %d processes, this run has %d: random streams "
+                        "restart, so the continuation is not bit-identical", len(ckpt["rng"]), self.rt.world)
+            runtime.seed_everything(self.cfg.seed + self.rt.rank + self.state.step)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step,
+                 self.state.epoch + 1, self.state.epoch_batches)
+
+    # ---------------------------------------------------------------- training
+    def fit(self) -> Dict[str, Any]:
+        cfg, tr = self.cfg, self.cfg.trainer
+        runtime.seed_everything(cfg.seed + self.rt.rank)  # per-rank streams for dropout, mixup
+        self.restore()
+        self._log_start()
+        if self.teacher is not None and tr.eval_teacher:
+            self.teacher_top1 = evaluate(self.teacher.predict, self.data.val, len(self.classes), self.rt,
+                                         tr.precision, tr.channels_last)["top1"]
+            log.info("teacher top-1 on the validation set: %.2f%%", self.teacher_top1)
+        throughput = Throughput(self.total_steps)
+        while self.state.step < self.total_steps and self.state.epoch < tr.epochs:
+            throughput.start()
+            self.train_epoch(throughput)
+            throughput.stop()
+            self.validate_and_save()
+        if "confusion" not in self.last_val:  # resumed a run that had already finished
+            self.validate_and_save()
+        return self.finish(throughput)
+
+    def train_epoch(self, throughput: Throughput) -> None:
+        """Train until the epoch ends or the step budget is spent."""
+        cfg, tr, st = self.cfg, self.cfg.trainer, self.state
+        self.data.sampler.set_epoch(st.epoch, start=st.epoch_batches * cfg.data.batch_size)
+        self.distiller.train()
+        batches_per_epoch = self.updates_per_epoch * tr.accumulate
+        sums: Dict[str, torch.Tensor] = {}
+        count = 0
+        for images, labels in batches(self.data.train):
+            images = images.to(self.rt.device, non_blocking=True)
+            labels = labels.to(self.rt.device, non_blocking=True)
+            if tr.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            images, targets = self.data.targets(images, labels)
+            batch = Batch(images, targets, targets.argmax(-1) if targets.ndim == 2 else targets)
+            st.epoch_batches += 1
+            update = st.epoch_batches % tr.accumulate == 0
+            sync = contextlib.nullcontext() if update or not self.rt.distributed else self.model.no_sync()
+            with sync:
+                with runtime.autocast(self.rt, tr.precision):
+                    teacher_out = self.teacher(images) if self.teacher is not None else None
+                    terms, extra, _ = self.model(batch, teacher_out)
+                    loss = sum(terms.values())
+                if not math.isfinite(loss.item()):
+                    self._diverged(loss, terms)
+                self.scaler.scale(loss / tr.accumulate).backward()
+            for k, v in {"loss": loss, **{f"loss/{n}": t for n, t in terms.items()}, **extra}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            count += 1
+            if not update:
+                continue
+            if tr.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.distiller.parameters(), tr.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            st.step += 1
+            self.scheduler.step_update(num_updates=st.step)
+            if self.ema is not None:
+                self.ema.update(self.student, step=st.step)
+            throughput.step(self.global_batch)
+            if st.step % tr.log_every == 0 or st.step == self.total_steps:
+                self._log_train({k: (v / count).item() for k, v in sums.items()}, throughput.read(st.step))
+                sums, count = {}, 0
+            if tr.ckpt_every_steps and st.step % tr.ckpt_every_steps == 0:
+                throughput.stop()
+                self.save(is_best=False)
+                throughput.start()
+            if st.step >= self.total_steps or st.epoch_batches >= batches_per_epoch:
+                break
+        if st.epoch_batches >= batches_per_epoch:
+            st.epoch, st.epoch_batches = st.epoch + 1, 0
+
+    def _diverged(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> None:
+        values = ", ".join(f"{n}={t.item():.4g}" for n, t in terms.items())
+        last = self.checkpoints.last
+        kept = (f"the last good checkpoint, {last}, is kept" if last.exists()
+                else "no checkpoint had been written yet")
+        raise UserError(f"the loss became {loss.item()} at step {self.state.step + 1} (epoch "
+                        f"{self.state.epoch + 1}; terms: {values}), so training stopped; {kept}. Lower "
+                        "optim.lr, set trainer.grad_clip, or use trainer.precision=32 or bf16.")
+
+    def validate_and_save(self) -> None:
+        tr = self.cfg.trainer
+        epoch = self.state.epoch + self.state.epoch_batches / (self.updates_per_epoch * tr.accumulate)
+        self.student.eval()
+        val = evaluate(self.student, self.data.val, len(self.classes), self.rt, tr.precision, tr.channels_last)
+        record = {k: v for k, v in val.items() if k in ("top1", "top5", "loss")}
+        if self.ema is not None:
+            ema_val = evaluate(self.ema.module, self.data.val, len(self.classes), self.rt, tr.precision,
+                               tr.channels_last)
+            record.update({f"ema_{k}": ema_val[k] for k in ("top1", "top5", "loss")})
+        self.student.train()
+        is_best = val["top1"] > self.state.best_top1
+        if is_best:
+            self.state.best_top1, self.state.best_epoch = val["top1"], math.ceil(epoch)
+        self.last_val = {**val, **record}
+        self.logbook.write("val", self.state.step, epoch, record)
+        log.info("validation after epoch %.2f: top-1 %.2f%%  top-5 %.2f%%  loss %.4f%s%s", epoch,
+                 val["top1"], val["top5"], val["loss"],
+                 f"  (EMA top-1 {record['ema_top1']:.2f}%)" if "ema_top1" in record else "",
+                 "  new best" if is_best else "")
+        self.save(is_best)
+
+    # ---------------------------------------------------------------- reporting
+    def _log_start(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        terms = " + ".join(f"{w:g}·{n}" for n, w in self.distiller.weights.items())
+        teacher = (f"{cfg.teacher.name} ({count_params(self.teacher.model) / 1e6:.2f}M params)"
+                   if self.teacher is not None else "none")
+        log.info("run directory: %s", self.run_dir)
+        log.info("student %s (%.2fM params) | teacher %s | kd=%s: %s", cfg.model.name,
+                 count_params(self.student) / 1e6, teacher, cfg.kd.name, terms)
+        log.info("data %s: %d train / %d val images, %d classes, input %s | %d process(es) on %s",
+                 cfg.data.name, len(self.data.train.dataset), len(self.data.val.dataset), len(self.classes),
+                 "x".join(map(str, self.data_config["input_size"])), rt.world, rt.device)
+        log.info("global batch %d (%d per process x %d processes x %d accumulation) | lr %.3g%s | "
+                 "%d steps (%d per epoch, %d epochs%s)", self.global_batch, cfg.data.batch_size, rt.world,
+                 cfg.trainer.accumulate, self.lr,
+                 "" if cfg.optim.lr else f" (= {cfg.optim.lr_base:g} x {self.global_batch}/{cfg.optim.lr_base_size},"
+                                         f" {cfg.optim.lr_base_scale} scaling)",
+                 self.total_steps, self.updates_per_epoch, cfg.trainer.epochs,
+                 f", capped by trainer.max_steps={cfg.trainer.max_steps}" if cfg.trainer.max_steps else "")
+
+    def _log_train(self, means: Dict[str, float], speed: Dict[str, float]) -> None:
+        st, tr = self.state, self.cfg.trainer
+        lr = self.optimizer.param_groups[0]["lr"]
+        epoch = st.epoch + st.epoch_batches / (self.updates_per_epoch * tr.accumulate)
+        terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in means.items() if k.startswith("loss/"))
+        log.info("epoch %d/%d step %d/%d | loss %.4f (%s) | lr %.3g | %.0f img/s | eta %s",
+                 st.epoch + 1, tr.epochs, st.step, self.total_steps, means["loss"], terms, lr,
+                 speed["samples_per_s"], format_duration(speed["eta_s"]))
+        self.logbook.write("train", st.step, epoch, {**means, "lr": lr, "samples_per_s": speed["samples_per_s"]})
+
+    def finish(self, throughput: Throughput) -> Dict[str, Any]:
+        cfg, rt = self.cfg, self.rt
+        pictures: List[str] = []
+        export = None
+        if rt.is_main:
+            records = read_jsonl(self.logbook.path) if self.logbook.path.exists() else []
+            title = f"{cfg.model.name}, kd={cfg.kd.name}"
+            pictures.append(str(curves_png({cfg.kd.name: records}, self.run_dir / "curves.png", title)))
+            pictures.append(str(confusion_png(self.last_val["confusion"], self.classes,
+                                              self.run_dir / "confusion.png", f"{title}: validation")))
+            if cfg.trainer.export:
+                export = str(export_student(self.student, self.run_dir / "export", self.data_config))
+        summary = {
+            "method": cfg.kd.name,
+            "terms": dict(self.distiller.weights),
+            "model": cfg.model.name,
+            "teacher": cfg.teacher.name if self.teacher is not None else None,
+            "top1": self.last_val["top1"],
+            "top5": self.last_val["top5"],
+            "val_loss": self.last_val["loss"],
+            "best_top1": self.state.best_top1,
+            "best_epoch": self.state.best_epoch,
+            "top1_ema": self.last_val.get("ema_top1"),
+            "teacher_top1": self.teacher_top1,
+            "train_samples_per_s": throughput.mean_rate,
+            "wall_time_s": time.perf_counter() - self.t0,
+            "steps": self.state.step,
+            "global_batch": self.global_batch,
+            "lr": self.lr,
+            "run_dir": str(self.run_dir),
+            "checkpoint": str(self.checkpoints.last),
+            "best_checkpoint": str(self.checkpoints.best),
+            "export": export,
+            "pictures": pictures,
+        }
+        if rt.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.logbook.close(summary)
+            log.info("%s", format_summary(summary))
+        return summary
+
+
+def format_summary(s: Dict[str, Any]) -> str:
+    """The end-of-run summary as a few aligned lines."""
+    terms = " + ".join(f"{w:g}·{n}" for n, w in s["terms"].items())
+    ema = f"; EMA {s['top1_ema']:.2f}%" if s.get("top1_ema") is not None else ""
+    teacher = s["teacher"] or "none"
+    if s.get("teacher_top1") is not None:
+        teacher += f" (top-1 {s['teacher_top1']:.2f}%)"
+    rate = s["train_samples_per_s"]
+    lines = [
+        "run summary",
+        f"  method     kd={s['method']}: {terms}",
+        f"  student    {s['model']}    teacher {teacher}",
+        f"  top-1      {s['top1']:.2f}% (best {s['best_top1']:.2f}% after epoch {s['best_epoch']}{ema})",
+        f"  top-5      {s['top5']:.2f}%    val loss {s['val_loss']:.4f}",
+        f"  time       {format_duration(s['wall_time_s'])} for {s['steps']} steps, "
+        f"{rate:.0f} training images/s" if math.isfinite(rate) else
+        f"  time       {format_duration(s['wall_time_s'])} for {s['steps']} steps",
+        f"  run dir    {s['run_dir']}",
+        "             checkpoints/{last,best}.pt, metrics.jsonl, summary.json, curves.png, confusion.png"
+        + (", export/" if s["export"] else ""),
+    ]
+    return "\n".join(lines)

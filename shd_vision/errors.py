@@ -1,0 +1,8 @@
+"""The one exception type for mistakes a user can fix (config, paths, checkpoints, data)."""
+
+
+class UserError(Exception):
+    """A problem the user can fix; entry points print its message as one paragraph and exit 2.
+
+    The message names the bad value and says what would be valid.
+    """

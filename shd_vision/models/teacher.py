@@ -1,0 +1,76 @@
+"""The frozen teacher, seeing the student's batch through its own input pipeline."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.task import DistillationTeacher
+from torch import Tensor, nn
+
+from shd_vision.errors import UserError
+from shd_vision.models.factory import input_size
+from shd_vision.models.taps import Capture, Outputs, Tap, token_layout
+
+
+class Teacher(nn.Module):
+    """A frozen teacher that takes batches prepared for the student.
+
+    The batch is re-normalised with the teacher's statistics (``timm.task.DistillationTeacher``),
+    grey images are repeated to the teacher's three channels, and the images are resized when
+    the teacher takes another size.
+
+    Args:
+        model: the teacher, weights loaded.
+        norm: the ``(mean, std)`` the teacher was trained with.
+        student_input: the student's input config (``input_size``, ``mean``, ``std``).
+        capture: what the distillation methods read from the teacher.
+        token_grad: keep a graph from the teacher's tokens to its logits (AD-KD's attributions);
+            the teacher's own parameters never get gradients.
+    """
+
+    def __init__(self, model: nn.Module, norm: Tuple[Sequence[float], Sequence[float]],
+                 student_input: Dict[str, Any], capture: Capture = Capture(), token_grad: bool = False):
+        super().__init__()
+        model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(norm[0]), "std": tuple(norm[1])}
+        self.kd = DistillationTeacher(model)
+        model.requires_grad_(False)
+        c_s, h_s, w_s = student_input["input_size"]
+        c_t, h_t, w_t = input_size(model)
+        if c_s == 3 and c_t == 1:
+            raise UserError("The teacher takes grey images but the student takes RGB; give the "
+                            "student in_chans=1 or use a teacher with three input channels.")
+        self.size = None if (h_s, w_s) == (h_t, w_t) else (h_t, w_t)
+        self.register_buffer("student_mean", torch.tensor(student_input["mean"]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("student_std", torch.tensor(student_input["std"]).view(1, -1, 1, 1), persistent=False)
+        self.token_grad = token_grad
+        self.tap = Tap(model, capture, "teacher", token_grad=token_grad)
+        self.layout = token_layout(model) if hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens") else None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.kd.model
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)  # a teacher is always in eval mode
+
+    def adapt(self, images: Tensor) -> Tensor:
+        """The student's batch ``[B, C_s, H_s, W_s]`` as the teacher expects it."""
+        x = self.kd.normalize_input(images, self.student_mean, self.student_std)
+        if x.shape[1] != self.kd.mean_kd.shape[1]:  # equal statistics skip re-normalising grey
+            x = x.expand(-1, self.kd.mean_kd.shape[1], -1, -1)
+        if self.size is not None:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+    def forward(self, images: Tensor) -> Outputs:
+        """The teacher's logits ``[B, C]`` and what the methods asked to capture."""
+        with torch.set_grad_enabled(self.token_grad), self.tap.recording_on():
+            logits = self.kd(self.adapt(images))
+        return Outputs(logits, None, self.tap.pop(), self.layout, self.model)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        """Logits only, nothing captured (validation of the teacher)."""
+        return self.kd(self.adapt(images))

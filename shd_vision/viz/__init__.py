@@ -1,0 +1,1 @@
+"""Pictures: confusion matrices, training curves, attention maps."""

@@ -7,9 +7,8 @@ import sys
 import textwrap
 from typing import Any, Callable, NoReturn
 
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 import shd_vision.config  # noqa: F401  (registers the schemas and resolvers Hydra composes with)
 from shd_vision.errors import UserError
@@ -40,7 +39,10 @@ def _describe(e: BaseException) -> str:
         return (f"{group}={name}: there is no conf/{group}/{name}.yaml; available: "
                 f"{', '.join(sorted(e.options))}.")
     parts = [str(e)] + ([str(e.__cause__)] if e.__cause__ is not None else [])
-    return " ".join(" ".join(p.split()) for p in parts if p)
+    text = " ".join(" ".join(p.split()) for p in parts if p)
+    if "Got NoneType" in text:
+        text += " (to leave a config group out, write ~group on the command line, e.g. ~teacher)."
+    return text
 
 
 def main(entry: Callable[[], Any]) -> None:
@@ -49,7 +51,7 @@ def main(entry: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let them reach us instead of Hydra's exit(1)
     try:
         entry()
-    except (HydraException, OmegaConfBaseException, OSError) as e:
-        if _task_started:
+    except Exception as e:
+        if _task_started:  # a failure inside the run itself keeps its traceback
             raise
         fail(_describe(e))

@@ -7,18 +7,22 @@ and, through field metadata, its valid range. Hydra checks types while composing
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from shd_vision.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
 
 
 def greater_than(bound: float, default: Any = MISSING) -> Any:
@@ -205,11 +209,40 @@ class EvalConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+@dataclass
+class QuickstartPlan:
+    teacher: List[str] = MISSING  # train.py overrides of the teacher run
+    students: List[str] = MISSING  # train.py overrides shared by the student runs
+    methods: List[str] = MISSING  # one student per kd config
+
+
+@dataclass
+class QuickstartConfig(TrainConfig):
+    """A train config plus the quickstart's plan: every train.py override applies to all its runs."""
+
+    quickstart: QuickstartPlan = field(default_factory=QuickstartPlan)
+
+
 def register_schemas() -> None:
-    """Put the schemas in Hydra's ConfigStore (the primary configs list them first)."""
+    """Put the schemas in Hydra's ConfigStore as the ``schema`` group (the primary configs list
+    them first: ``- schema: train``)."""
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="eval_schema", node=EvalConfig)
+    for name, node in (("train", TrainConfig), ("eval", EvalConfig), ("quickstart", QuickstartConfig)):
+        cs.store(group="schema", name=name, node=node, package="_global_")
+
+
+def compose_train(overrides: List[str], config_name: str = "train") -> DictConfig:
+    """A ``train.py`` config composed outside ``train.py`` (the quickstart, tests), its run
+    directory resolved into ``paths.output_dir`` as Hydra's main would."""
+    ctx = (contextlib.nullcontext() if GlobalHydra.instance().is_initialized()
+           else initialize_config_dir(str(CONF_DIR), version_base="1.3"))
+    with ctx:
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    run_dir = cfg.hydra.run.dir
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.paths.output_dir = run_dir
+    return cfg
 
 
 def check_config(cfg: DictConfig, prefix: str = "") -> None:
@@ -275,20 +308,10 @@ def _process_start_time(pid: int) -> Optional[_dt.datetime]:
     return _dt.datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"))
 
 
-def global_rank() -> int:
-    """This process's rank in a torchrun or SLURM job, read before torch.distributed starts."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-
-
-def _rank_zero_only(value: Any) -> Any:
-    return value if global_rank() == 0 else None
-
-
 def register_resolvers() -> None:
     resolvers = {
         "project_root": lambda: str(PROJECT_ROOT),
         "run_stamp": run_stamp,
-        "rank_zero_only": _rank_zero_only,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

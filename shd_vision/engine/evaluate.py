@@ -21,7 +21,7 @@ from shd_vision.engine import runtime
 from shd_vision.engine.logbook import run_logging
 from shd_vision.engine.metrics import evaluate, per_class_accuracy
 from shd_vision.errors import UserError
-from shd_vision.models.factory import build, count_params, load_weights
+from shd_vision.models.factory import build, count_params, describe, load_weights
 from shd_vision.models.weights import FORMAT_KEY, read_file
 from shd_vision.viz.plots import confusion_png
 
@@ -123,12 +123,12 @@ def _evaluate(cfg: DictConfig, rt: runtime.Runtime, out_dir: Path) -> Dict[str, 
                 writer.writerow([name, f"{acc:.2f}", n])
         confusion_png(metrics["confusion"], classes, out_dir / "confusion.png", f"{path.name} on {data.name}")
         worst = sorted(zip(per_class, classes))[:3]
-        log.info("evaluation of %s\n  model       %s (%.2fM params) on %s/%s, %d images\n"
+        log.info("evaluation of %s\n  model       %s\n  data        %s/%s, %d images\n"
                  "  top-1       %.2f%%   top-5 %.2f%%   loss %.4f\n"
                  "  worst       %s\n"
                  "  throughput  %.0f images/s model alone (batch %d, precision %s, %s); %.0f images/s end to end\n"
                  "  files       %s: eval.json, per_class.csv, confusion.png",
-                 path, report["model"], report["params"] / 1e6, data.name, data.val_split, metrics["samples"],
+                 path, describe(model), data.name, data.val_split, metrics["samples"],
                  metrics["top1"], metrics["top5"], metrics["loss"],
                  ", ".join(f"{c} {a:.1f}%" for a, c in worst),
                  model_rate, loader.batch_size, precision, rt.device, end_to_end, out_dir)

@@ -35,7 +35,7 @@ from shd_vision.engine.checkpoint import (FORMAT_VERSION, Checkpoints, export_st
 from shd_vision.engine.logbook import Logbook, Throughput, format_duration, read_jsonl, run_logging
 from shd_vision.engine.metrics import evaluate
 from shd_vision.errors import UserError
-from shd_vision.models.factory import count_params, create_student, create_teacher
+from shd_vision.models.factory import create_student, create_teacher, describe
 from shd_vision.models.teacher import Teacher
 from shd_vision.models.weights import FORMAT_KEY
 from shd_vision.viz.plots import confusion_png, curves_png
@@ -243,6 +243,7 @@ class Run:
         cfg, tr = self.cfg, self.cfg.trainer
         runtime.seed_everything(cfg.seed + self.rt.rank)  # per-rank streams for dropout, mixup
         self.restore()
+        self._write_config()
         self._log_start()
         if self.teacher is not None and tr.eval_teacher:
             self.teacher_top1 = evaluate(self.teacher.predict, self.data.val, len(self.classes), self.rt,
@@ -344,14 +345,20 @@ class Run:
         self.save(is_best)
 
     # ---------------------------------------------------------------- reporting
+    def _write_config(self) -> None:
+        """The checked, resolved config as ``config.yaml`` (a resumed run adds its own copy)."""
+        if not self.rt.is_main:
+            return
+        name = "config.yaml" if self.state.step == 0 else f"config.resumed-at-step-{self.state.step}.yaml"
+        (self.run_dir / name).write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+
     def _log_start(self) -> None:
         cfg, rt = self.cfg, self.rt
         terms = " + ".join(f"{w:g}·{n}" for n, w in self.distiller.weights.items())
-        teacher = (f"{cfg.teacher.name} ({count_params(self.teacher.model) / 1e6:.2f}M params)"
-                   if self.teacher is not None else "none")
         log.info("run directory: %s", self.run_dir)
-        log.info("student %s (%.2fM params) | teacher %s | kd=%s: %s", cfg.model.name,
-                 count_params(self.student) / 1e6, teacher, cfg.kd.name, terms)
+        log.info("student %s", describe(self.student))
+        log.info("teacher %s", describe(self.teacher.model) if self.teacher is not None else "none")
+        log.info("kd=%s: %s", cfg.kd.name, terms)
         log.info("data %s: %d train / %d val images, %d classes, input %s | %d process(es) on %s",
                  cfg.data.name, len(self.data.train.dataset), len(self.data.val.dataset), len(self.classes),
                  "x".join(map(str, self.data_config["input_size"])), rt.world, rt.device)
@@ -379,7 +386,7 @@ class Run:
         export = None
         if rt.is_main:
             records = read_jsonl(self.logbook.path) if self.logbook.path.exists() else []
-            title = f"{cfg.model.name}, kd={cfg.kd.name}"
+            title = f"kd={cfg.kd.name} ({self.run_dir.name})"
             pictures.append(str(curves_png({cfg.kd.name: records}, self.run_dir / "curves.png", title)))
             pictures.append(str(confusion_png(self.last_val["confusion"], self.classes,
                                               self.run_dir / "confusion.png", f"{title}: validation")))
@@ -389,7 +396,8 @@ class Run:
             "method": cfg.kd.name,
             "terms": dict(self.distiller.weights),
             "model": cfg.model.name,
-            "teacher": cfg.teacher.name if self.teacher is not None else None,
+            "student": describe(self.student),
+            "teacher": describe(self.teacher.model) if self.teacher is not None else None,
             "top1": self.last_val["top1"],
             "top5": self.last_val["top5"],
             "val_loss": self.last_val["loss"],
@@ -426,7 +434,8 @@ def format_summary(s: Dict[str, Any]) -> str:
     lines = [
         "run summary",
         f"  method     kd={s['method']}: {terms}",
-        f"  student    {s['model']}    teacher {teacher}",
+        f"  student    {s['student']}",
+        f"  teacher    {teacher}",
         f"  top-1      {s['top1']:.2f}% (best {s['best_top1']:.2f}% after epoch {s['best_epoch']}{ema})",
         f"  top-5      {s['top5']:.2f}%    val loss {s['val_loss']:.4f}",
         f"  time       {format_duration(s['wall_time_s'])} for {s['steps']} steps, "

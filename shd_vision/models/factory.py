@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import timm
 from omegaconf import DictConfig, OmegaConf
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import resolve_input_data_config
 from timm.models import get_model_input_config
 from torch import nn
 
@@ -169,8 +169,18 @@ def _teacher_norm(spec: Mapping, model: nn.Module, loaded: Dict[str, Any]
     if FORMAT_KEY in loaded:
         data = loaded["data_config"]
         return tuple(data["mean"]), tuple(data["std"])
-    cfg = model.pretrained_cfg
-    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
+    cfg = resolve_input_data_config(model)  # timm's config, fitted to the model's channels
+    return tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def describe(model: nn.Module) -> str:
+    """A model's timm name plus, for ViTs, its shape (the tiny ViTs override timm's)."""
+    name = model.pretrained_cfg.get("architecture", type(model).__name__)
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and len(blocks) and hasattr(blocks[0], "attn") and hasattr(model, "patch_embed"):
+        return (f"{name} [{len(blocks)} blocks, width {model.embed_dim}, {blocks[0].attn.num_heads} heads, "
+                f"patch {model.patch_embed.patch_size[0]}, {count_params(model) / 1e6:.2f}M params]")
+    return f"{name} [{count_params(model) / 1e6:.2f}M params]"
 
 
 def count_params(model: nn.Module) -> int:

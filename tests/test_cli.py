@@ -1,0 +1,89 @@
+"""Bad input on the command line: one paragraph naming the value and what is valid, exit code 2,
+no traceback, and nothing already written touched."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from conftest import debug_args, run_cli
+
+
+def bad_input_cases(tmp, teacher_ckpt):
+    (tmp / "empty").mkdir(exist_ok=True)
+    (tmp / "a_file").write_text("x")
+    (tmp / "garbage.pt").write_bytes(b"\x00not a checkpoint")
+    return {
+        "unknown model": (["model.name=deit_tiny_patch16_244"], "deit_tiny_patch16_224"),
+        "unknown config": (["model=deit_tinyy"], "available: deit_base"),
+        "data.root missing": (["data=imagefolder"], "data.root is not set"),
+        "data.root malformed": (["data=imagefolder", f"data.root={tmp}/a_file"], "ImageNet layout"),
+        "fashion-mnist missing": ([f"data.root={tmp}/empty"], "apt-get install dataset-fashion-mnist"),
+        "teacher missing": ([f"teacher.checkpoint={tmp}/nope.pt", "trainer.allow_random_teacher=false"],
+                            "nope.pt does not exist"),
+        "teacher corrupt": ([f"teacher.checkpoint={tmp}/garbage.pt"], "could not be read as a checkpoint"),
+        "teacher classes": ([f"teacher.checkpoint={teacher_ckpt}", "data=synthetic", "data.num_classes=5"],
+                            "trained for 10 classes but the data has 5"),
+        "lr": (["optim.lr=0"], "optim.lr=0.0 is out of range: it must be greater than 0"),
+        "lr type": (["optim.lr=fast"], "optim.lr"),
+        "epochs": (["trainer.epochs=0"], "trainer.epochs=0 is out of range"),
+        "temperature": (["kd.terms.logit.temperature=-1"], "kd.terms.logit.temperature=-1.0 is out of range"),
+        "cuda": (["trainer.device=cuda"], "trainer.device=cuda but this machine has no usable CUDA GPU"),
+        "unwritable": ([f"hydra.run.dir={tmp}/a_file/run"], "a_file"),
+        "unknown term": (["+kd.terms.magic.weight=1"], "no distillation method 'magic'"),
+    }
+
+
+
+
+NAMES = ["unknown model", "unknown config", "data.root missing", "data.root malformed", "fashion-mnist missing",
+         "teacher missing", "teacher corrupt", "teacher classes", "lr", "lr type", "epochs", "temperature",
+         "cuda", "unwritable", "unknown term"]
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, teacher_ckpt):
+    """Every case's command, run three at a time (each one is mostly interpreter start-up)."""
+    cases = bad_input_cases(tmp_path_factory.mktemp("bad"), teacher_ckpt)
+
+    def run(name):
+        args, expected = cases[name]
+        return name, expected, run_cli("train.py", *debug_args(tmp_path_factory.mktemp("run"), *args))
+
+    with ThreadPoolExecutor(3) as pool:
+        return {name: (expected, result) for name, expected, result in pool.map(run, NAMES)}
+
+
+@pytest.mark.parametrize("case", NAMES)
+def test_bad_input_exits_2_with_one_paragraph(case, outcomes):
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    expected, result = outcomes[case]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ")
+    assert expected in " ".join(result.stderr.split())
+    assert "\n\n" not in result.stderr.strip()
+
+
+def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    result = run_cli("eval.py", f"ckpt={tmp_path}/notes.txt", f"paths.log_dir={tmp_path}/logs")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "notes.txt could not be read as a checkpoint" in " ".join(result.stderr.split())
+
+
+def test_a_rejected_resume_leaves_the_run_untouched(tmp_path):
+    assert run_cli("train.py", *debug_args(tmp_path, "kd=none")).returncode == 0
+    files = sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    result = run_cli("train.py", *debug_args(tmp_path, "kd=none", "trainer.resume=auto", "optim.lr=-1"))
+    assert result.returncode == 2 and "optim.lr=-1.0" in result.stderr
+    assert sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file()) == files
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_print_config(tmp_path):
+    result = run_cli("train.py", "--cfg", "job", "kd=logit", "trainer.epochs=3")
+    assert result.returncode == 0
+    assert "epochs: 3" in result.stdout and "temperature: 4.0" in result.stdout

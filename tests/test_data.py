@@ -1,0 +1,146 @@
+"""Data sets, transforms, samplers and the per-item augmentation seeds."""
+
+import gzip
+import random
+import struct
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import FMNIST
+from shd_vision.data import datasets
+from shd_vision.data.loaders import (EpochSampler, SeededItems, build_data, build_transform, isolated_rng,
+                                     open_splits, resolve_input)
+from shd_vision.errors import UserError
+from shd_vision.models.factory import build
+
+
+def write_idx(path, array):
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def test_idx_round_trip_and_fashion_mnist_reader(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (7, 28, 28))
+    labels = np.arange(7) % 10
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    ds = datasets.fashion_mnist(str(tmp_path), "test")
+    assert len(ds) == 7 and ds.classes[9] == "Ankle boot"
+    image, label = ds[3]
+    assert np.array_equal(np.asarray(image), images[3]) and label == 3
+
+
+def test_missing_fashion_mnist_files_say_how_to_install(tmp_path):
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
+        datasets.fashion_mnist(str(tmp_path), "train")
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_has_the_published_sizes():
+    train = datasets.fashion_mnist(str(FMNIST), "train")
+    test = datasets.fashion_mnist(str(FMNIST), "test")
+    assert (len(train), len(test)) == (60000, 10000)
+    assert np.bincount(test.labels).tolist() == [1000] * 10
+
+
+def test_image_folder_layout_errors_name_the_expected_layout(tmp_path):
+    with pytest.raises(UserError, match="ImageNet layout"):
+        datasets.image_folder(str(tmp_path / "nope"), "train")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(UserError, match="no 'val' folder"):
+        datasets.image_folder(str(tmp_path), "val")
+    with pytest.raises(UserError, match="holds no images"):
+        datasets.image_folder(str(tmp_path), "train")
+
+
+def make_folder(root, classes=("cat", "dog"), n=3, size=20):
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((size, size, 3), 40 * i, np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def data_cfg(**kw):
+    base = OmegaConf.load("conf/data/imagefolder.yaml")
+    return OmegaConf.merge(base, kw)
+
+
+def test_grey_images_become_three_channels_for_an_rgb_student():
+    model = build({"name": "deit_tiny_patch16_224", "img_size": 32, "patch_size": 8}, 10, "model")
+    cfg = data_cfg(mean=[0.5], std=[0.25])
+    resolved = resolve_input(cfg, model)
+    assert resolved["input_size"] == (3, 32, 32)
+    tf = build_transform(cfg, resolved, channels_in=1, training=False)
+    x = tf(Image.fromarray(np.full((28, 28), 255, np.uint8)))
+    assert x.shape == (3, 32, 32)
+    torch.testing.assert_close(x, torch.full((3, 32, 32), (1.0 - 0.5) / 0.25))
+
+
+def test_image_size_that_does_not_fit_the_model_is_a_user_error():
+    model = build({"name": "deit_tiny_patch16_224"}, 10, "model")
+    with pytest.raises(UserError, match="data.img_size=null"):
+        resolve_input(data_cfg(img_size=64), model)
+
+
+def test_epoch_sampler_resumes_inside_an_epoch_with_the_same_items_and_seeds(tmp_path):
+    make_folder(tmp_path, n=5)
+    cfg = data_cfg(root=str(tmp_path), batch_size=2, num_workers=0)
+    splits = open_splits(cfg)
+    model = build({"name": "deit_tiny_patch16_224", "img_size": 16, "patch_size": 8}, 2, "model")
+    data = build_data(cfg, splits, resolve_input(cfg, model), seed=3)
+    data.sampler.set_epoch(1)
+    full = list(data.sampler)
+    data.sampler.set_epoch(1, start=4)
+    assert list(data.sampler) == full[4:]
+    data.sampler.set_epoch(2)
+    assert [i for i, _ in data.sampler] != [i for i, _ in full]  # a new order each epoch
+
+
+def test_two_ranks_see_the_single_process_items_with_the_same_seeds():
+    ds = torch.utils.data.TensorDataset(torch.arange(12))
+    sampler = torch.utils.data.DistributedSampler
+    one = EpochSampler(sampler(ds, num_replicas=1, rank=0, seed=5), seed=5, rank=0, world=1)
+    ranks = [EpochSampler(sampler(ds, num_replicas=2, rank=r, seed=5), seed=5, rank=r, world=2) for r in (0, 1)]
+    for s in [one, *ranks]:
+        s.set_epoch(0)
+    single = list(one)
+    interleaved = [item for pair in zip(*(list(r) for r in ranks)) for item in pair]
+    assert interleaved == single and sorted(i for i, _ in single) == list(range(12))
+
+
+def test_seeded_items_are_a_pure_function_of_index_and_seed():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3) + random.random() + float(np.random.rand()), i
+
+    items = SeededItems(Noisy())
+    a, b = items[(2, 99)], items[(2, 99)]
+    torch.testing.assert_close(a[0], b[0])
+    assert not torch.equal(items[(2, 98)][0], a[0])
+
+
+def test_isolated_rng_restores_every_global_state():
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    expected = torch.rand(2), random.random(), np.random.rand()
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    with isolated_rng():
+        torch.manual_seed(7), random.seed(7), np.random.seed(7)
+        torch.rand(5)
+    got = torch.rand(2), random.random(), np.random.rand()
+    torch.testing.assert_close(got[0], expected[0])
+    assert got[1:] == expected[1:]
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    train, test = datasets.digits("train"), datasets.digits("test")
+    assert len(train) + len(test) == 1797 and len(test) == 360
+    assert train.images.max() == 255 and datasets.digits("test").labels.tolist() == test.labels.tolist()

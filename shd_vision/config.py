@@ -214,6 +214,8 @@ class QuickstartPlan:
     teacher: List[str] = MISSING  # train.py overrides of the teacher run
     students: List[str] = MISSING  # train.py overrides shared by the student runs
     methods: List[str] = MISSING  # one student per kd config
+    method_overrides: Dict[str, List[str]] = field(default_factory=dict)  # extra overrides per method
+    attention_images: int = at_least(0)  # attention pictures of the first SHD student
 
 
 @dataclass
@@ -223,11 +225,27 @@ class QuickstartConfig(TrainConfig):
     quickstart: QuickstartPlan = field(default_factory=QuickstartPlan)
 
 
+@dataclass
+class VizConfig:
+    task_name: str = MISSING
+    run_name: str = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ckpt: str = MISSING
+    teacher_checkpoint: Optional[str] = None
+    images: int = at_least(1)
+    batch: int = greater_than(0)
+    layers: Any = None
+    merge: Optional[str] = one_of("progressive", "group", "mean", default=None)
+    temperature: Optional[float] = greater_than(0.0, None)
+    device: str = MISSING
+
+
 def register_schemas() -> None:
     """Put the schemas in Hydra's ConfigStore as the ``schema`` group (the primary configs list
     them first: ``- schema: train``)."""
     cs = ConfigStore.instance()
-    for name, node in (("train", TrainConfig), ("eval", EvalConfig), ("quickstart", QuickstartConfig)):
+    for name, node in (("train", TrainConfig), ("eval", EvalConfig), ("quickstart", QuickstartConfig),
+                       ("viz", VizConfig)):
         cs.store(group="schema", name=name, node=node, package="_global_")
 
 

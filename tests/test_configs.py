@@ -41,9 +41,10 @@ def test_option_composes_checks_and_builds(group, option, image_root, tmp_path):
         train, val, classes = open_splits(cfg.data)
         assert len(train) > 0 and len(val) > 0 and len(classes) == len(train.classes)
     elif group == "kd":
-        student = build({"name": "vit_tiny_patch16_224", "img_size": 28, "patch_size": 4, "in_chans": 1,
-                         "embed_dim": 24, "depth": 2, "num_heads": 2}, 10, "model")
-        assert Distiller(student, active_terms(cfg.kd)).weights
+        tiny = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 24, "depth": 2}
+        student = build({"name": "deit_tiny_distilled_patch16_224", "num_heads": 2, **tiny}, 10, "model")
+        teacher = build({"name": "vit_tiny_patch16_224", "num_heads": 4, **tiny}, 10, "teacher")
+        assert Distiller(student, active_terms(cfg.kd), teacher).weights
 
 
 def test_optimisers_and_schedules_build_with_timm(tmp_path):

@@ -9,7 +9,7 @@ from conftest import run_cli
 
 @pytest.mark.slow
 def test_quickstart_trains_the_teacher_once_and_compares_students(tmp_path):
-    args = ["debug=fast", f"paths.log_dir={tmp_path}", "quickstart.methods=[none,logit]"]
+    args = ["debug=fast", f"paths.log_dir={tmp_path}", "quickstart.methods=[none,shd]"]
     first = run_cli("-m shd_vision.quickstart", *args, "run_name=first")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "training it first" in first.stdout
@@ -17,9 +17,11 @@ def test_quickstart_trains_the_teacher_once_and_compares_students(tmp_path):
     stamp = teacher.stat().st_mtime_ns
     out = tmp_path / "quickstart/runs/first"
     rows = json.loads((out / "comparison.json").read_text())
-    assert [r["label"] for r in rows][-1] == "teacher" and {r["label"] for r in rows[:2]} == {"kd=none", "kd=logit"}
+    assert [r["label"] for r in rows][-1] == "teacher" and {r["label"] for r in rows[:2]} == {"kd=none", "kd=shd"}
     table = (out / "comparison.md").read_text()
-    assert "| kd=logit | 1·ce + 1·logit |" in table and (out / "comparison.png").is_file()
+    assert "| kd=shd | 1·ce + 1·logit + 1·shd |" in table and (out / "comparison.png").is_file()
+    for name in ("squeeze_weights", "head_redundancy", "attention_image0", "attention_full_image1"):
+        assert (out / "attention" / f"{name}.png").is_file() and str(out / "attention" / f"{name}.png") in first.stdout
     assert "quickstart comparison" in first.stdout and str(out / "comparison.png") in first.stdout
 
     second = run_cli("-m shd_vision.quickstart", *args, "run_name=second")

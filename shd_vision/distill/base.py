@@ -9,18 +9,26 @@ builds the ones with a non-zero weight, asks each what it needs from the two for
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Type
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from shd_vision.config import at_least, check_config
 from shd_vision.errors import UserError
 from shd_vision.models.taps import Capture, Outputs, Tap, token_layout
 
 METHODS: Dict[str, Type["Method"]] = {}
+
+
+def upcast(t: Tensor) -> Tensor:
+    """``t`` in float32 or wider: losses are summed in full precision under autocast (bf16/fp16)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 @dataclass
@@ -38,11 +46,13 @@ class Needs:
     student: Capture = field(default_factory=Capture)
     teacher_capture: Capture = field(default_factory=Capture)
     teacher_token_grad: bool = False  # graph from the teacher's tokens to its logits
+    second_order: bool = False  # the loss differentiates the student's own gradients
 
     def __or__(self, other: "Needs") -> "Needs":
         return Needs(self.dist_token or other.dist_token,
                      self.student | other.student, self.teacher_capture | other.teacher_capture,
-                     self.teacher_token_grad or other.teacher_token_grad)
+                     self.teacher_token_grad or other.teacher_token_grad,
+                     self.second_order or other.second_order)
 
 
 @dataclass
@@ -139,12 +149,6 @@ class Distiller(nn.Module):
         for method in self.methods.values():
             self.needs = self.needs | method.needs()
         if self.needs.dist_token:
-            if not hasattr(student, "set_distilled_training"):
-                raise UserError(
-                    f"kd.terms uses the distillation token but the student "
-                    f"({student.pretrained_cfg.get('architecture')}) has none; pick a distilled "
-                    "DeiT student: model=deit_tiny_distilled, deit_small_distilled, "
-                    "deit_base_distilled or vit_fmnist_student_distilled.")
             student.set_distilled_training(True)
         self.tap = Tap(student, self.needs.student, "student")
         self.layout = token_layout(student) if self.needs.student != Capture() else None
@@ -152,6 +156,12 @@ class Distiller(nn.Module):
     def forward(self, batch: Batch, teacher: Optional[Outputs]
                 ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Tensor]:
         """Returns ``(terms, logs, logits)``: weighted loss terms, diagnostics, student logits."""
+        # Fused attention kernels have no double backward; their composite (math) form has.
+        with sdpa_kernel(SDPBackend.MATH) if self.needs.second_order else contextlib.nullcontext():
+            return self._forward(batch, teacher)
+
+    def _forward(self, batch: Batch, teacher: Optional[Outputs]
+                 ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Tensor]:
         with self.tap.recording_on():
             out = self.student(batch.images)
         logits, dist_logits = out if isinstance(out, tuple) else (out, None)

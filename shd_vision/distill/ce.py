@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from shd_vision.distill.base import Method, Needs, register
+from shd_vision.distill.base import Method, Needs, register, upcast
 
 
 @register("ce")
@@ -21,4 +21,4 @@ class CrossEntropy(Method):
         return Needs()
 
     def forward(self, batch, student, teacher):
-        return F.cross_entropy(student.logits.float(), batch.targets), {}
+        return F.cross_entropy(upcast(student.logits), batch.targets), {}

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shd_vision.config import greater_than
-from shd_vision.distill.base import Method, Needs, TermConfig, register
+from shd_vision.distill.base import Method, Needs, TermConfig, register, upcast
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -23,8 +23,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
         A scalar: the KL summed over classes, averaged over the batch (``batchmean``), times T².
     """
     t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+    log_p_s = F.log_softmax(upcast(student_logits) / t, dim=-1)
+    log_p_t = F.log_softmax(upcast(teacher_logits.detach()) / t, dim=-1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 

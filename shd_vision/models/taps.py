@@ -1,10 +1,14 @@
 """Reading a timm ViT's internals during its normal forward: attention, block outputs, tokens.
 
-Hooks sit only on the blocks a method asks for. Attention is read from the output of the block's
-``attn.qkv`` projection, so the block itself keeps timm's fused ``scaled_dot_product_attention``;
-the scores ``q kᵀ · scale`` are then formed once, on demand, for the loss (methods.md §4, Cost).
-They are the very scores the forward attends with: same ``q``/``k`` tensors, same
-``q_norm``/``k_norm``, before masking and dropout.
+Hooks sit only on the blocks a method asks for. For a student, attention is read from the output
+of the block's ``attn.qkv`` projection, so the block keeps timm's fused
+``scaled_dot_product_attention``; the scores ``q kᵀ · scale`` are then formed once, on demand and
+with gradient, for the loss (methods.md §4, Cost). They are the very scores the forward attends
+with: same ``q``/``k`` tensors, same ``q_norm``/``k_norm``, before masking and dropout.
+
+A frozen teacher's maps are needed whole anyway (the squeeze reads them), so its captured blocks
+take timm's unfused path and their softmax output is recorded as it is computed, instead of being
+computed a second time from ``q`` and ``k``.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ class TokenLayout:
 class AttentionRecord:
     """One block's attention as its forward computed it.
 
-    Shapes: ``q``, ``k``, ``v`` ``[B, H, N, d_h]``; ``proj_weight`` ``[D, H·d_h]`` (``W_O``).
+    Shapes: ``q``, ``k``, ``v`` ``[B, H, N, d_h]``; ``proj_weight`` ``[D, H·d_h]`` (``W_O``);
+    ``probs`` ``[B, H, N, N]``, the softmax the forward computed (recorded for teachers only).
     """
 
     q: Tensor
@@ -58,16 +63,21 @@ class AttentionRecord:
     v: Tensor
     scale: float
     proj_weight: Tensor
+    probs: Optional[Tensor] = None
 
     def scores(self) -> Tensor:
-        """Pre-softmax scores ``q kᵀ · scale``, ``[B, H, N, N]``, in float32."""
-        return (self.q.float() * self.scale) @ self.k.float().transpose(-2, -1)
+        """Pre-softmax scores ``q kᵀ · scale``, ``[B, H, N, N]``."""
+        return (self.q * self.scale) @ self.k.transpose(-2, -1)
+
+    def maps(self) -> Tensor:
+        """Attention maps (softmax of the scores), ``[B, H, N, N]``."""
+        return self.probs if self.probs is not None else self.scores().softmax(-1)
 
     def circuits(self) -> Tensor:
         """Per-head circuits ``X_h = V_h W_O,hᵀ``, ``[B, H, N, D]`` (methods.md §4)."""
         b, h, n, d_h = self.v.shape
-        w_o = self.proj_weight.float().reshape(-1, h, d_h)  # [D, H, d_h]
-        return torch.einsum("bhnk,dhk->bhnd", self.v.float(), w_o)
+        w_o = self.proj_weight.reshape(-1, h, d_h)  # [D, H, d_h]
+        return torch.einsum("bhnk,dhk->bhnd", self.v, w_o)
 
 
 @dataclass
@@ -106,9 +116,12 @@ class Tap:
         role: ``student`` or ``teacher``, for messages.
         token_grad: make the recorded tokens a leaf that requires grad (a frozen teacher's
             attributions need gradients with respect to its tokens).
+        record_probs: switch the captured blocks to timm's unfused attention and record its
+            softmax (for a teacher, whose maps are materialised anyway).
     """
 
-    def __init__(self, model: nn.Module, capture: Capture, role: str, token_grad: bool = False):
+    def __init__(self, model: nn.Module, capture: Capture, role: str, token_grad: bool = False,
+                 record_probs: bool = False):
         self.record = Recorded()
         self.recording = False
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
@@ -122,6 +135,9 @@ class Tap:
         for i in capture.attention:
             attn = blocks[i].attn
             self._handles.append(attn.qkv.register_forward_hook(self._attention_hook(i, attn)))
+            if record_probs:
+                attn.fused_attn = False
+                self._handles.append(attn.attn_drop.register_forward_pre_hook(self._probs_hook(i)))
         for i in capture.features:
             self._handles.append(blocks[i].register_forward_hook(self._feature_hook(i)))
         if capture.tokens:
@@ -135,6 +151,12 @@ class Tap:
             q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             self.record.attention[index] = AttentionRecord(attn.q_norm(q), attn.k_norm(k), v, attn.scale,
                                                            attn.proj.weight)
+        return hook
+
+    def _probs_hook(self, index: int):
+        def hook(module: nn.Module, args) -> None:
+            if self.recording:
+                self.record.attention[index].probs = args[0]
         return hook
 
     def _feature_hook(self, index: int):

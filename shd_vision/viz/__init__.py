@@ -1,1 +1,6 @@
-"""Pictures: confusion matrices, training curves, attention maps."""
+"""Pictures: confusion matrices, training curves, attention maps. They are written to files,
+never shown, so matplotlib draws without a display."""
+
+import matplotlib
+
+matplotlib.use("Agg")

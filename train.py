@@ -11,7 +11,8 @@ from shd_vision.engine.train import train
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the final validation top-1, the value Hydra sweepers (Optuna) maximise."""
-    return cli.run_task(train, cfg)["top1"]
+    summary, _ = cli.run_task(train, cfg)
+    return summary["top1"]
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ class TrainerConfig:
     threads: Optional[int] = greater_than(0, None)
     dist_backend: str = one_of("auto", "nccl", "gloo", default="auto")
     export: bool = MISSING
+    attention_images: int = at_least(0)
     eval_teacher: bool = MISSING
     allow_random_teacher: bool = MISSING
     ema: EmaConfig = field(default_factory=EmaConfig)
@@ -215,7 +216,6 @@ class QuickstartPlan:
     students: List[str] = MISSING  # train.py overrides shared by the student runs
     methods: List[str] = MISSING  # one student per kd config
     method_overrides: Dict[str, List[str]] = field(default_factory=dict)  # extra overrides per method
-    attention_images: int = at_least(0)  # attention pictures of the first SHD student
 
 
 @dataclass
@@ -240,12 +240,21 @@ class VizConfig:
     device: str = MISSING
 
 
+@dataclass
+class ReportConfig:
+    task_name: str = MISSING
+    run_name: str = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    dir: str = MISSING
+    out: Optional[str] = None
+
+
 def register_schemas() -> None:
     """Put the schemas in Hydra's ConfigStore as the ``schema`` group (the primary configs list
     them first: ``- schema: train``)."""
     cs = ConfigStore.instance()
     for name, node in (("train", TrainConfig), ("eval", EvalConfig), ("quickstart", QuickstartConfig),
-                       ("viz", VizConfig)):
+                       ("viz", VizConfig), ("report", ReportConfig)):
         cs.store(group="schema", name=name, node=node, package="_global_")
 
 
@@ -302,12 +311,16 @@ def _describe_range(meta: Any) -> str:
 
 
 def run_stamp() -> str:
-    """Timestamp that names a run directory, the same on every local rank of one torchrun.
+    """The name of a run directory, the same for every process of one launch.
 
-    torchrun workers are children of one agent process, which also outlives worker restarts,
-    so its start time names one directory for the whole launch (and ``trainer.resume=auto``
-    finds the checkpoints of the attempt before). Elsewhere it is the current time.
+    A SLURM job is named by its id, which a requeued job keeps (``trainer.resume=auto`` then
+    finds the checkpoints of the attempt before). torchrun workers are children of one agent
+    process, which outlives worker restarts, so its start time names the launch. Elsewhere it
+    is the current time.
     """
+    if "SLURM_JOB_ID" in os.environ:
+        array = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{os.environ['SLURM_JOB_ID']}" + (f"_{array}" if array else "")
     if "TORCHELASTIC_RUN_ID" in os.environ:
         started = _process_start_time(os.getppid())
         if started is not None:

@@ -16,15 +16,12 @@ from typing import Any, Dict, List
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from shd_vision import cli
 from shd_vision.config import compose_train
 from shd_vision.engine.logbook import format_duration, read_jsonl
-from shd_vision.engine.runtime import resolve_device
 from shd_vision.engine.train import train
-from shd_vision.viz.attention import render
 from shd_vision.viz.plots import curves_png
 
 log = logging.getLogger("shd_vision.quickstart")
@@ -39,14 +36,6 @@ def comparison_table(rows: List[Dict[str, Any]]) -> str:
         lines.append(f"| {r['label']} | {terms} | {r['top1']:.2f} | {r['best_top1']:.2f} | "
                      f"{r['train_samples_per_s']:.0f} | {format_duration(r['wall_time_s'])} |")
     return "\n".join(lines)
-
-
-def attention_pictures(ckpt: Path, out_dir: Path, images: int, device: torch.device) -> List[Path]:
-    """The attention pictures of ``python -m shd_vision.viz`` for one student."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = OmegaConf.create({"ckpt": str(ckpt), "teacher_checkpoint": None, "images": images, "batch": 64,
-                            "layers": None, "merge": None, "temperature": None})
-    return render(cfg, out_dir, device)
 
 
 def shared_overrides(task_overrides: List[str]) -> List[str]:
@@ -67,15 +56,12 @@ def quickstart(cfg: DictConfig, overrides: List[str]) -> Dict[str, Any]:
         log.info("no teacher at %s yet: training it first (cached for later runs)", checkpoint)
         train(compose_train(list(plan.teacher) + common + ["trainer.resume=auto"]))
     teacher_summary = checkpoint.parent.parent / "summary.json"
-    rows, attention = [], []
+    rows = []
     for method in plan.methods:
         log.info("=== student with kd=%s ===", method)
         extra = list(plan.method_overrides.get(method, []))
         run = compose_train(list(plan.students) + extra + common + [f"kd={method}", f"hydra.run.dir={out_dir / method}"])
-        rows.append({**train(run), "label": f"kd={method}"})
-        if "shd" in rows[-1]["terms"] and plan.attention_images and not attention:
-            attention = attention_pictures(Path(rows[-1]["checkpoint"]), out_dir / "attention",
-                                           plan.attention_images, resolve_device(cfg.trainer.device))
+        rows.append({**train(run)[0], "label": f"kd={method}"})
     rows.sort(key=lambda r: -r["top1"])
     if teacher_summary.is_file():
         rows.append({**json.loads(teacher_summary.read_text()), "label": "teacher"})
@@ -84,7 +70,7 @@ def quickstart(cfg: DictConfig, overrides: List[str]) -> Dict[str, Any]:
                         out_dir / "comparison.png", "Fashion-MNIST quickstart: students and teacher")
     (out_dir / "comparison.md").write_text(table + "\n")
     (out_dir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
-    pictures = [str(curves)] + [str(p) for p in attention] + [p for r in rows for p in r["pictures"]]
+    pictures = [str(curves)] + [p for r in rows for p in r["pictures"]]
     log.info("quickstart comparison (validation top-1 on Fashion-MNIST's test split):\n%s\n\n"
              "pictures:\n  %s\nfiles: %s (comparison.md, comparison.json)", table, "\n  ".join(pictures), out_dir)
     return {"rows": rows, "table": table, "pictures": pictures, "out_dir": str(out_dir)}

@@ -20,8 +20,9 @@ def test_quickstart_trains_the_teacher_once_and_compares_students(tmp_path):
     assert [r["label"] for r in rows][-1] == "teacher" and {r["label"] for r in rows[:2]} == {"kd=none", "kd=shd"}
     table = (out / "comparison.md").read_text()
     assert "| kd=shd | 1·ce + 1·logit + 1·shd |" in table and (out / "comparison.png").is_file()
-    for name in ("squeeze_weights", "head_redundancy", "attention_image0", "attention_full_image1"):
-        assert (out / "attention" / f"{name}.png").is_file() and str(out / "attention" / f"{name}.png") in first.stdout
+    for name in ("squeeze_weights", "head_redundancy", "attention_image0", "attention_full_image0"):
+        picture = out / "shd" / "attention" / f"{name}.png"
+        assert picture.is_file() and str(picture) in first.stdout
     assert "quickstart comparison" in first.stdout and str(out / "comparison.png") in first.stdout
 
     second = run_cli("-m shd_vision.quickstart", *args, "run_name=second")

@@ -18,7 +18,7 @@ def weights(path):
 
 
 def test_a_run_writes_checkpoints_metrics_pictures_and_summary(make_cfg, teacher_ckpt, tmp_path):
-    summary = train(make_cfg("kd=logit", f"teacher.checkpoint={teacher_ckpt}", "trainer.export=true"))
+    summary, _ = train(make_cfg("kd=logit", f"teacher.checkpoint={teacher_ckpt}", "trainer.export=true"))
     run = tmp_path / "run"
     for name in ("train.log", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png", "confusion.png",
                  "checkpoints/last.pt", "checkpoints/best.pt", "export/model.safetensors", "export/config.json"):
@@ -98,13 +98,13 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(make
 
 
 def test_ema_mixup_and_label_smoothing_run(make_cfg):
-    summary = train(make_cfg("kd=none", "trainer.ema.enabled=true", "trainer.ema.decay=0.5",
+    summary, _ = train(make_cfg("kd=none", "trainer.ema.enabled=true", "trainer.ema.decay=0.5",
                              "data.mixup.mixup_alpha=0.8", "data.mixup.cutmix_alpha=1.0",
                              "data.mixup.label_smoothing=0.1"))
     assert summary["top1_ema"] is not None and 0 <= summary["top1_ema"] <= 100
 
 
 def test_kd_none_needs_no_teacher_checkpoint(make_cfg, tmp_path):
-    summary = train(make_cfg("kd=none", f"teacher.checkpoint={tmp_path}/missing.pt",
+    summary, _ = train(make_cfg("kd=none", f"teacher.checkpoint={tmp_path}/missing.pt",
                              "trainer.allow_random_teacher=false"))
     assert summary["teacher"] is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -137,3 +138,34 @@ def write_csv(records: List[Dict[str, Any]], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(records)
+
+
+class WandbSink:
+    """Forwards a run's records, pictures and summary to Weights & Biases.
+
+    Offline unless ``logger.wandb.mode=online``: nothing touches the network unless the user
+    asks. Files go to ``<run_dir>/wandb``; a resumed run continues the same W&B run (its id is
+    derived from the run directory).
+    """
+
+    def __init__(self, cfg: Any, run_dir: Path, config: Dict[str, Any], group: Optional[str]):
+        import wandb  # imported here: only runs with logger=wandb need it
+
+        self._wandb = wandb
+        run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, group=cfg.group or group,
+                              tags=list(cfg.tags), name=run_dir.name, id=run_id, resume="allow",
+                              dir=str(run_dir), config=config)
+        self.log_images = cfg.log_images
+
+    def log(self, split: str, step: int, values: Mapping[str, float]) -> None:
+        self.run.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
+
+    def images(self, step: int, images: Mapping[str, Path]) -> None:
+        if self.log_images and images:
+            self.run.log({f"pictures/{name}": self._wandb.Image(str(path)) for name, path in images.items()},
+                         step=step)
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        self.run.finish()

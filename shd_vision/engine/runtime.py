@@ -7,12 +7,13 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from submitit.helpers import TorchDistributedEnvironment
 
 from shd_vision.errors import UserError
 
@@ -53,13 +54,31 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise UserError(f"trainer.device={name} is not a device; use auto, cpu, cuda or cuda:N.")
 
 
+def cluster_env() -> Dict[str, str]:
+    """The ``env://`` variables of ``torch.distributed`` for a task that SLURM or submitit started
+    (torchrun sets them itself). Read through submitit, which knows both; empty for one task."""
+    if "WORLD_SIZE" in os.environ:
+        return {}
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        if "SLURM_JOB_ID" not in os.environ or int(os.environ.get("SLURM_NTASKS", 1)) <= 1:
+            return {}
+        os.environ["SUBMITIT_EXECUTOR"] = "slurm"  # a plain srun task: read the job as submitit would
+    env = TorchDistributedEnvironment()
+    if env.world_size <= 1:
+        return {}
+    return {"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port), "RANK": str(env.rank),
+            "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
+            "LOCAL_WORLD_SIZE": str(env.local_world_size)}
+
+
 def setup(trainer: DictConfig) -> Runtime:
-    """The device and, under torchrun (``WORLD_SIZE`` > 1), the process group.
+    """The device and, for several processes (torchrun, SLURM, submitit), the process group.
 
     NCCL on GPUs and gloo on CPUs unless ``trainer.dist_backend`` says otherwise.
     """
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
+    os.environ.update(cluster_env())
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(trainer.device, local_rank)

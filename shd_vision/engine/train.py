@@ -12,13 +12,17 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -32,12 +36,13 @@ from shd_vision.distill.base import active_terms, uses_teacher
 from shd_vision.engine import runtime
 from shd_vision.engine.checkpoint import (FORMAT_VERSION, Checkpoints, export_student, load,
                                           rng_state, set_rng_state)
-from shd_vision.engine.logbook import Logbook, Throughput, format_duration, read_jsonl, run_logging
+from shd_vision.engine.logbook import Logbook, Throughput, WandbSink, format_duration, read_jsonl, run_logging
 from shd_vision.engine.metrics import evaluate
 from shd_vision.errors import UserError
 from shd_vision.models.factory import create_student, create_teacher, describe
 from shd_vision.models.teacher import Teacher
 from shd_vision.models.weights import FORMAT_KEY
+from shd_vision.viz.attention import render
 from shd_vision.viz.plots import confusion_png, curves_png
 
 log = logging.getLogger("shd_vision.train")
@@ -52,16 +57,63 @@ class TrainState:
     best_epoch: int = -1
 
 
-def train(cfg: DictConfig) -> Dict[str, Any]:
-    """Train the student ``cfg`` describes; returns the summary also written to ``summary.json``."""
+def train(cfg: DictConfig) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Train the student ``cfg`` describes.
+
+    Returns:
+        The summary (also in ``summary.json``) and the run's objects (``student``, ``distiller``,
+        ``teacher``, ``optimizer``, ``data``), as they are after the last step.
+    """
     check_config(cfg)
     rt = runtime.setup(cfg.trainer)
     try:
         run_dir = _prepare_run_dir(cfg, rt)
         with run_logging(run_dir, rt.is_main, "train.log"):
-            return Run(cfg, rt, run_dir).fit()
+            run = Run(cfg, rt, run_dir)
+            summary = run.fit()
+        objects = {"student": run.student, "distiller": run.distiller, "teacher": run.teacher,
+                   "optimizer": run.optimizer, "data": run.data}
+        return summary, objects
     finally:
         runtime.teardown(rt)
+
+
+class _Stop(Exception):
+    """A stop signal arrived; the loop ends at the step boundary where this is raised."""
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (SLURM pre-emption, or ``--signal=USR1@90`` before a time limit) ask the
+    run to stop: it finishes the step in flight, saves a checkpoint and returns."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def check(self, rt: runtime.Runtime) -> None:
+        """Raise :class:`_Stop` on every rank once any rank has been signalled."""
+        stop = self.received is not None
+        if rt.distributed:
+            flag = torch.tensor([float(stop)], device=rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = flag.item() > 0
+        if stop:
+            raise _Stop(self.received or "a stop signal on another rank")
 
 
 def _prepare_run_dir(cfg: DictConfig, rt: runtime.Runtime) -> Path:
@@ -85,6 +137,13 @@ def _prepare_run_dir(cfg: DictConfig, rt: runtime.Runtime) -> Path:
     if problem:
         raise UserError(problem)
     return run_dir
+
+
+def _sweep_name() -> Optional[str]:
+    """The multirun directory's name when Hydra runs a sweep (it groups the sweep's W&B runs)."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
 
 
 def _scaled_lr(optim: DictConfig, global_batch: int) -> float:
@@ -153,7 +212,11 @@ class Run:
         self.state = TrainState()
         self.last_val: Dict[str, Any] = {}
         self.teacher_top1: Optional[float] = None
-        self.logbook = Logbook(run_dir, rt.is_main, cfg.logger.csv)
+        sinks = []
+        if cfg.logger.wandb is not None and rt.is_main:
+            sinks.append(WandbSink(cfg.logger.wandb, run_dir, OmegaConf.to_container(cfg, resolve=True),
+                                   _sweep_name()))
+        self.logbook = Logbook(run_dir, rt.is_main, cfg.logger.csv, sinks)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -250,16 +313,34 @@ class Run:
                                          tr.precision, tr.channels_last)["top1"]
             log.info("teacher top-1 on the validation set: %.2f%%", self.teacher_top1)
         throughput = Throughput(self.total_steps)
-        while self.state.step < self.total_steps and self.state.epoch < tr.epochs:
-            throughput.start()
-            self.train_epoch(throughput)
-            throughput.stop()
-            self.validate_and_save()
+        with StopSignals() as signals:
+            try:
+                while self.state.step < self.total_steps and self.state.epoch < tr.epochs:
+                    throughput.start()
+                    self.train_epoch(throughput, signals)
+                    throughput.stop()
+                    self.validate_and_save()
+            except _Stop as stop:
+                return self.stopped(str(stop), throughput)
         if "confusion" not in self.last_val:  # resumed a run that had already finished
             self.validate_and_save()
         return self.finish(throughput)
 
-    def train_epoch(self, throughput: Throughput) -> None:
+    def stopped(self, reason: str, throughput: Throughput) -> Dict[str, Any]:
+        """Save the state after the last finished step and report how to continue."""
+        throughput.stop()
+        self.save(is_best=False)
+        summary = {"status": "stopped", "reason": reason, "steps": self.state.step, "total_steps": self.total_steps,
+                   "checkpoint": str(self.checkpoints.last), "run_dir": str(self.run_dir),
+                   "top1": self.last_val.get("top1"), "train_samples_per_s": throughput.mean_rate}
+        if self.rt.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            log.warning("stopped by %s after step %d of %d; the state is saved in %s. Continue with the same "
+                        "command plus trainer.resume=auto (and the same run directory).", reason,
+                        self.state.step, self.total_steps, self.checkpoints.last)
+        return summary
+
+    def train_epoch(self, throughput: Throughput, signals: StopSignals) -> None:
         """Train until the epoch ends or the step budget is spent."""
         cfg, tr, st = self.cfg, self.cfg.trainer, self.state
         self.data.sampler.set_epoch(st.epoch, start=st.epoch_batches * cfg.data.batch_size)
@@ -302,16 +383,23 @@ class Run:
                 self.ema.update(self.student, step=st.step)
             throughput.step(self.global_batch)
             if st.step % tr.log_every == 0 or st.step == self.total_steps:
-                self._log_train({k: (v / count).item() for k, v in sums.items()}, throughput.read(st.step))
+                self._log_train(self._mean_over_ranks(sums, count), throughput.read(st.step))
                 sums, count = {}, 0
             if tr.ckpt_every_steps and st.step % tr.ckpt_every_steps == 0:
                 throughput.stop()
                 self.save(is_best=False)
                 throughput.start()
+            signals.check(self.rt)
             if st.step >= self.total_steps or st.epoch_batches >= batches_per_epoch:
                 break
         if st.epoch_batches >= batches_per_epoch:
             st.epoch, st.epoch_batches = st.epoch + 1, 0
+
+    def _mean_over_ranks(self, sums: Dict[str, torch.Tensor], count: int) -> Dict[str, float]:
+        """The logged values averaged over the steps since the last log line and over the ranks."""
+        values = torch.stack([sums[k] for k in sorted(sums)]) / (count * self.rt.world)
+        runtime.all_reduce_sum(values, self.rt)
+        return dict(zip(sorted(sums), values.tolist()))
 
     def _diverged(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> None:
         values = ", ".join(f"{n}={t.item():.4g}" for n, t in terms.items())
@@ -343,6 +431,15 @@ class Run:
                  f"  (EMA top-1 {record['ema_top1']:.2f}%)" if "ema_top1" in record else "",
                  "  new best" if is_best else "")
         self.save(is_best)
+
+    def _attention_pictures(self) -> List[Path]:
+        """``python -m shd_vision.viz``'s pictures of this run's last checkpoint."""
+        viz = OmegaConf.create({"ckpt": str(self.checkpoints.last), "teacher_checkpoint": None,
+                                "images": self.cfg.trainer.attention_images, "batch": 64, "layers": None,
+                                "merge": None, "temperature": None})
+        out_dir = self.run_dir / "attention"
+        out_dir.mkdir(exist_ok=True)
+        return render(viz, out_dir, self.rt.device)
 
     # ---------------------------------------------------------------- reporting
     def _write_config(self) -> None:
@@ -382,14 +479,17 @@ class Run:
 
     def finish(self, throughput: Throughput) -> Dict[str, Any]:
         cfg, rt = self.cfg, self.rt
-        pictures: List[str] = []
+        pictures: List[Path] = []
         export = None
         if rt.is_main:
             records = read_jsonl(self.logbook.path) if self.logbook.path.exists() else []
             title = f"kd={cfg.kd.name} ({self.run_dir.name})"
-            pictures.append(str(curves_png({cfg.kd.name: records}, self.run_dir / "curves.png", title)))
-            pictures.append(str(confusion_png(self.last_val["confusion"], self.classes,
-                                              self.run_dir / "confusion.png", f"{title}: validation")))
+            pictures.append(curves_png({cfg.kd.name: records}, self.run_dir / "curves.png", title))
+            pictures.append(confusion_png(self.last_val["confusion"], self.classes,
+                                          self.run_dir / "confusion.png", f"{title}: validation"))
+            if "shd" in self.distiller.weights and cfg.trainer.attention_images:
+                pictures += self._attention_pictures()
+            self.logbook.images(self.state.step, {p.stem: p for p in pictures})
             if cfg.trainer.export:
                 export = str(export_student(self.student, self.run_dir / "export", self.data_config))
         summary = {
@@ -414,7 +514,7 @@ class Run:
             "checkpoint": str(self.checkpoints.last),
             "best_checkpoint": str(self.checkpoints.best),
             "export": export,
-            "pictures": pictures,
+            "pictures": [str(p) for p in pictures],
         }
         if rt.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -443,6 +543,7 @@ def format_summary(s: Dict[str, Any]) -> str:
         f"  time       {format_duration(s['wall_time_s'])} for {s['steps']} steps",
         f"  run dir    {s['run_dir']}",
         "             checkpoints/{last,best}.pt, metrics.jsonl, summary.json, curves.png, confusion.png"
+        + (", attention/" if any("/attention/" in p for p in s["pictures"]) else "")
         + (", export/" if s["export"] else ""),
     ]
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Dict, List, Optional
 
 import pytest
 from omegaconf import DictConfig
@@ -39,9 +39,10 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "teacher" / "checkpoints" / "best.pt"
 
 
-def run_cli(script: str, *args: str, cwd: Path = PROJECT_ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python script args`` from the repository and capture its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(script: str, *args: str, cwd: Path = PROJECT_ROOT, timeout: int = 300,
+            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run ``python script args`` (or ``-m module``) from the repository and capture its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, *(["-m", script[3:]] if script.startswith("-m ") else [script]), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -59,16 +59,32 @@ def cluster_env() -> Dict[str, str]:
     (torchrun sets them itself). Read through submitit, which knows both; empty for one task."""
     if "WORLD_SIZE" in os.environ:
         return {}
-    if "SUBMITIT_EXECUTOR" not in os.environ:
-        if "SLURM_JOB_ID" not in os.environ or int(os.environ.get("SLURM_NTASKS", 1)) <= 1:
-            return {}
-        os.environ["SUBMITIT_EXECUTOR"] = "slurm"  # a plain srun task: read the job as submitit would
-    env = TorchDistributedEnvironment()
+    if "SUBMITIT_EXECUTOR" in os.environ:
+        env = TorchDistributedEnvironment()
+    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        with _environ(SUBMITIT_EXECUTOR="slurm"):  # a plain srun task: read the job as submitit would
+            env = TorchDistributedEnvironment()
+    else:
+        return {}
     if env.world_size <= 1:
         return {}
     return {"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port), "RANK": str(env.rank),
             "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
             "LOCAL_WORLD_SIZE": str(env.local_world_size)}
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def setup(trainer: DictConfig) -> Runtime:
@@ -88,8 +104,19 @@ def setup(trainer: DictConfig) -> Runtime:
         backend = trainer.dist_backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30),
-                                device_id=device if backend == "nccl" else None)
+        timeout = timedelta(minutes=30)
+        kwargs: Dict[str, Any] = {}
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's store outlives restarts of its workers: without a prefix per attempt a
+            # restarted group can read the addresses its dead predecessors published there and
+            # never connect (seen with gloo in torch 2.14).
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=False, timeout=timeout)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            kwargs = {"store": dist.PrefixStore(f"shd-vision/attempt-{attempt}", store), "rank": rank,
+                      "world_size": world}
+        dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None,
+                                **kwargs)
     return Runtime(device, rank, world, local_rank)
 
 

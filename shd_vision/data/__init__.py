@@ -1,0 +1,1 @@
+"""Data sets, timm transforms, seeded samplers and loaders."""

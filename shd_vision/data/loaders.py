@@ -1,0 +1,273 @@
+"""Transforms (timm), samplers and loaders, and the batch targets (mixup, label smoothing).
+
+Augmentation is a pure function of ``(seed, epoch, position in the epoch)``: the train sampler
+hands each item its own seed, and the dataset seeds the RNGs from it before transforming. A run
+resumed in the middle of an epoch, or run on another number of workers or processes, therefore
+sees the same augmented images as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from timm.data import Mixup, create_transform, resolve_input_data_config
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.mixup import mixup_target
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torchvision import transforms as T
+
+from shd_vision.data import datasets
+from shd_vision.errors import UserError
+
+
+def open_split(cfg: DictConfig, split: str) -> Dataset:
+    """One split of the data set ``cfg`` names, without transforms (they depend on the model)."""
+    if cfg.name == "fashion_mnist":
+        return datasets.fashion_mnist(cfg.root, split)
+    if cfg.name == "digits":
+        return datasets.digits(split)
+    if cfg.name == "imagefolder":
+        if not cfg.root:
+            raise UserError("data.root is not set; point it at a folder in the ImageNet layout: "
+                            "data.root/train/<class>/<images> and data.root/val/<class>/<images>.")
+        return datasets.image_folder(cfg.root, split)
+    if not (cfg.num_classes and cfg.train_size and cfg.val_size):
+        raise UserError("data=synthetic needs data.num_classes, data.train_size and data.val_size.")
+    size = cfg.train_size if split == cfg.train_split else cfg.val_size
+    return datasets.SyntheticDataset(size, cfg.num_classes, seed=0 if split == cfg.train_split else 1)
+
+
+def open_splits(cfg: DictConfig) -> Tuple[Dataset, Dataset, List[str]]:
+    """The train and validation sets (without transforms) and the class names."""
+    train, val = open_split(cfg, cfg.train_split), open_split(cfg, cfg.val_split)
+    if train.classes != val.classes:
+        raise UserError(f"data.root={cfg.root}: the {cfg.train_split} and {cfg.val_split} splits have "
+                        "different classes; both need the same class folders.")
+    classes = list(train.classes)
+    if cfg.num_classes is not None and cfg.num_classes != len(classes):
+        raise UserError(f"data.num_classes={cfg.num_classes} but the data has {len(classes)} classes; "
+                        "set data.num_classes=null to take the count from the data.")
+    return train, val, classes
+
+
+def resolve_input(cfg: DictConfig, model: nn.Module) -> Dict[str, Any]:
+    """The input pipeline for ``model``: its (C, H, W), and the data config's normalisation,
+    image size and interpolation where set, else the model's (timm's resolution rules)."""
+    wanted = {"mean": cfg.mean, "std": cfg.std, "img_size": cfg.img_size,
+              "interpolation": cfg.aug.interpolation, "crop_pct": cfg.aug.crop_pct}
+    args = {k: (tuple(v) if k in ("mean", "std") else v) for k, v in wanted.items() if v is not None}
+    try:
+        resolved = resolve_input_data_config(model, args=args)
+    except ValueError as e:
+        raise UserError(f"the data config does not fit the student: {e} Set data.img_size=null to use "
+                        "the student's size, or give the student that size (model.img_size=...).") from None
+    return {k: resolved[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct")}
+
+
+def build_transform(cfg: DictConfig, data_cfg: Dict[str, Any], channels_in: int, training: bool):
+    """timm's train or eval transform, after turning the images into the model's channel count."""
+    c = data_cfg["input_size"][0]
+    common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
+                  interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"])
+    if training:
+        aug = cfg.aug
+        tf = create_transform(is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
+                              hflip=aug.hflip, vflip=aug.vflip, color_jitter=aug.color_jitter,
+                              auto_augment=aug.auto_augment, re_prob=aug.re_prob,
+                              re_mode=aug.re_mode, re_count=aug.re_count, **common)
+    else:
+        tf = create_transform(is_training=False, **common)
+    if channels_in != c:
+        tf = T.Compose([T.Grayscale(num_output_channels=c), tf])
+    return tf
+
+
+def _subset(ds: Dataset, size: Optional[int]) -> Dataset:
+    """The first ``size`` items of a fixed permutation (seed 0, whatever the run's seed, so runs
+    with different seeds compare on the same images)."""
+    if size is None or size >= len(ds):
+        return ds
+    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:size]
+    return Subset(ds, sorted(keep.tolist()))
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of the item at global ``position`` of ``epoch``."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+class SeededItems(Dataset):
+    """Fetches ``(index, seed)`` items: seeds Python's, NumPy's and torch's CPU RNGs, then
+    transforms. (``torch.manual_seed`` would also seed every CUDA device, at ~2 ms a call.)"""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Tuple[int, int]):
+        index, seed = item
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        return self.dataset[index]
+
+
+class EpochSampler(Sampler):
+    """One rank's share of an epoch as ``(index, seed)`` items, optionally starting part-way.
+
+    Wraps a sampler with ``set_epoch`` (``DistributedSampler`` or timm's ``RepeatAugSampler``).
+    Item ``p`` of rank ``r`` sits at global position ``p * world + r``, the position it would
+    have in a single-process run with the same global batch.
+    """
+
+    def __init__(self, base: Sampler, seed: int, rank: int, world: int):
+        self.base, self.seed, self.rank, self.world = base, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select ``epoch``'s order and skip its first ``start`` items (a resumed epoch)."""
+        self.epoch, self.start = epoch, start
+        # RepeatAugSampler shuffles by epoch alone, so the run's seed goes in as an offset (ours).
+        offset = self.seed * 100_003 if isinstance(self.base, RepeatAugSampler) else 0
+        self.base.set_epoch(epoch + offset)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        for p, index in enumerate(itertools.islice(iter(self.base), self.start, None), self.start):
+            yield index, sample_seed(self.seed, self.epoch, p * self.world + self.rank)
+
+    def __len__(self) -> int:
+        return len(self.base) - self.start
+
+
+class ShardSampler(Sampler):
+    """Every ``world``-th index from ``rank``, without padding, so sharded metrics count each
+    validation image exactly once."""
+
+    def __init__(self, length: int, rank: int, world: int):
+        self.indices = range(rank, length, world)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class BatchTargets:
+    """Turns a batch's labels into training targets: timm's Mixup/CutMix, or smoothed one-hot
+    labels, or the labels themselves. ``F.cross_entropy`` takes all three forms."""
+
+    def __init__(self, cfg: DictConfig, num_classes: int):
+        m = cfg.mixup
+        self.mixup = None
+        if m.mixup_alpha > 0 or m.cutmix_alpha > 0:
+            if cfg.batch_size % 2:
+                raise UserError(f"data.batch_size={cfg.batch_size} must be even for mixup/cutmix.")
+            self.mixup = Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob,
+                               switch_prob=m.switch_prob, mode=m.mode,
+                               label_smoothing=m.label_smoothing, num_classes=num_classes)
+        self.smoothing, self.num_classes = m.label_smoothing, num_classes
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.mixup is not None:
+            return self.mixup(images, labels)
+        if self.smoothing > 0:
+            return images, mixup_target(labels, self.num_classes, 1.0, self.smoothing)
+        return images, labels
+
+
+@dataclass
+class Data:
+    """Everything the engine needs from the data side."""
+
+    train: DataLoader
+    val: DataLoader
+    sampler: EpochSampler
+    targets: BatchTargets
+    classes: List[str]
+    input: Dict[str, Any]  # input_size, mean, std, interpolation, crop_pct (saved in checkpoints)
+
+
+def _prepare(ds: Dataset, cfg: DictConfig, data_cfg: Dict[str, Any], training: bool) -> None:
+    """Give a data set the model's input pipeline: a transform, or the synthetic images' size."""
+    if isinstance(ds, datasets.SyntheticDataset):
+        ds.input_size = tuple(data_cfg["input_size"])
+    else:
+        ds.transform = build_transform(cfg, data_cfg, ds.channels, training)
+
+
+def build_val_loader(cfg: DictConfig, val: Dataset, data_cfg: Dict[str, Any],
+                     rank: int = 0, world: int = 1) -> DataLoader:
+    _prepare(val, cfg, data_cfg, training=False)
+    val = _subset(val, cfg.val_size)
+    return DataLoader(val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                      sampler=ShardSampler(len(val), rank, world), num_workers=cfg.num_workers,
+                      pin_memory=cfg.pin_memory, generator=_own_generator())
+
+
+def _own_generator() -> torch.Generator:
+    """A loader's private generator: starting an iterator then leaves the global RNG alone, which
+    a resumed run needs to stay bit-identical to an uninterrupted one."""
+    return torch.Generator().manual_seed(0)
+
+
+def build_data(cfg: DictConfig, splits: Tuple[Dataset, Dataset, Sequence[str]], data_cfg: Dict[str, Any],
+               seed: int, rank: int = 0, world: int = 1) -> Data:
+    """Loaders for one process of a ``world``-process run (``data.batch_size`` is per process)."""
+    train, val, classes = splits
+    _prepare(train, cfg, data_cfg, training=True)
+    train = _subset(train, cfg.train_size)
+    if cfg.repeated_aug > 1:
+        base = RepeatAugSampler(train, num_replicas=world, rank=rank, num_repeats=cfg.repeated_aug)
+    else:
+        base = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                  drop_last=True)
+    sampler = EpochSampler(base, seed, rank, world)
+    if len(sampler) < cfg.batch_size:
+        raise UserError(f"data.batch_size={cfg.batch_size} is larger than this process's share of "
+                        f"the training set ({len(sampler)} images); lower it or use more data.")
+    train_loader = DataLoader(SeededItems(train), batch_size=cfg.batch_size, sampler=sampler,
+                              num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, drop_last=True,
+                              generator=_own_generator())
+    val_loader = build_val_loader(cfg, val, data_cfg, rank, world)
+    return Data(train_loader, val_loader, sampler, BatchTargets(cfg, len(classes)), list(classes), data_cfg)
+
+
+@contextlib.contextmanager
+def isolated_rng():
+    """Run a block without touching the global RNG states (Python, NumPy, torch CPU).
+
+    Loading batches in the main process (``num_workers=0``) seeds the RNGs per item; this keeps
+    that from leaking into the training step's randomness (dropout, mixup).
+    """
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def batches(loader: DataLoader) -> Iterator[Any]:
+    """Iterate a train loader; in-process loading runs under :func:`isolated_rng`."""
+    if loader.num_workers > 0:
+        yield from loader
+        return
+    it = iter(loader)
+    while True:
+        with isolated_rng():
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch

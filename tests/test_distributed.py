@@ -1,0 +1,165 @@
+"""Several processes: torchrun with gloo on CPU, restarts after a killed rank, SLURM and
+submitit environments, and stop signals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import debug_args, run_cli
+from shd_vision.config import PROJECT_ROOT, run_stamp
+from shd_vision.engine.runtime import cluster_env
+
+SYNTHETIC = ["data=synthetic", "data.train_size=128", "data.val_size=32", "trainer.threads=1", "kd=none",
+             "trainer.eval_teacher=false"]
+
+
+def torchrun(*args, nproc=2, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra, *args]
+    return subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_write_one_run_directory(tmp_path):
+    args = [f"paths.log_dir={tmp_path}", "debug=fast", *SYNTHETIC, "trainer.max_steps=3", "data.batch_size=8"]
+    result = torchrun("train.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "train" / "runs").iterdir())
+    assert len(runs) == 1, runs  # both ranks named the same directory
+    names = sorted(p.name for p in runs[0].iterdir())
+    assert names == ["checkpoints", "config.yaml", "confusion.png", "curves.png", "metrics.csv", "metrics.jsonl",
+                     "summary.json", "train.log"]
+    log = (runs[0] / "train.log").read_text()
+    assert "2 process(es)" in log and "global batch 16 (8 per process x 2 processes" in log
+    assert log.count("run summary") == 1
+
+
+@pytest.mark.slow
+def test_ranks_agree_and_match_a_single_process_with_the_same_global_batch(tmp_path):
+    # SGD: an update linear in the gradient, so float rounding stays rounding (Adam divides it by ~0)
+    common = ["debug=fast", *SYNTHETIC, "trainer.max_steps=4", "optim=sgd", "optim.lr=0.1", f"paths.log_dir={tmp_path}"]
+    (tmp_path / "two").mkdir(), (tmp_path / "one").mkdir()
+    two = torchrun("tests/ddp_worker.py", str(tmp_path / "two"), *common, "data.batch_size=8",
+                   f"hydra.run.dir={tmp_path}/run2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli("tests/ddp_worker.py", str(tmp_path / "one"), *common, "data.batch_size=16",
+                  f"hydra.run.dir={tmp_path}/run1")
+    assert one.returncode == 0, one.stderr[-3000:]
+    r0, r1, single = (weights(tmp_path / p) for p in ("two/rank0.pt", "two/rank1.pt", "one/rank0.pt"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    for k in r0:
+        torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)
+
+
+def _children(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _rank_of(pid):
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(e.split(b"=")[1]) for e in env if e.startswith(b"RANK=")), None)
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_after_a_killed_rank_and_resumes_exactly(tmp_path):
+    common = ["debug=fast", *SYNTHETIC, "trainer.max_steps=40", "trainer.epochs=5", "trainer.ckpt_every_steps=4",
+              "data.batch_size=8", "trainer.resume=auto", f"paths.log_dir={tmp_path}"]
+    straight = torchrun("train.py", *common, f"hydra.run.dir={tmp_path}/straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "train.py", *common, f"hydra.run.dir={tmp_path}/killed"]
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = tmp_path / "killed/checkpoints/last.pt"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    victim = next((p for p in _children(proc.pid) if _rank_of(p) == 1), None)
+    assert victim is not None, "no rank-1 worker found"
+    os.kill(victim, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    log = (tmp_path / "killed/train.log").read_text()
+    assert "resumed from" in log
+    a = weights(tmp_path / "straight/checkpoints/last.pt")
+    b = weights(tmp_path / "killed/checkpoints/last.pt")
+    assert a["state"] == b["state"] and a["state"]["step"] == 40
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_slurm_task_maps_to_torch_distributed(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR",
+                "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    env = cluster_env()
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")} == \
+        {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "gpu07"}
+    assert env["MASTER_PORT"] == cluster_env()["MASTER_PORT"]  # every task derives the same port
+    assert 20000 <= int(env["MASTER_PORT"]) <= 60000
+    assert run_stamp() == "slurm-4242"
+    assert "SUBMITIT_EXECUTOR" not in os.environ  # read, not changed
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert cluster_env() == {}  # one task: no process group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cluster_env() == {}  # torchrun inside an allocation sets its own
+
+
+@pytest.mark.slow
+def test_a_sweep_through_submitit_local_with_two_tasks_per_job(tmp_path):
+    result = run_cli("train.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                     "hydra.launcher.timeout_min=10", "debug=fast", *SYNTHETIC, "data.batch_size=8",
+                     "trainer.max_steps=2", "seed=0,1", f"paths.log_dir={tmp_path}", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweeps = list((tmp_path / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    for job in ("0", "1"):
+        log = (sweeps[0] / job / "train.log").read_text()
+        assert "2 process(es)" in log and (sweeps[0] / job / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    common = [*debug_args(tmp_path), *SYNTHETIC, "trainer.max_steps=60", "trainer.epochs=10", "data.batch_size=8"]
+    straight = run_cli("train.py", *common, f"hydra.run.dir={tmp_path}/straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    cmd = [sys.executable, "train.py", *common, f"hydra.run.dir={tmp_path}/stopped"]
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "stopped/train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "step 3/60" in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-2000:]
+    assert "stopped by SIGTERM" in output and "trainer.resume=auto" in output
+    stopped = weights(tmp_path / "stopped/checkpoints/last.pt")
+    assert 3 <= stopped["state"]["step"] < 60
+    resumed = run_cli("train.py", *common, f"hydra.run.dir={tmp_path}/stopped", "trainer.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = weights(tmp_path / "straight/checkpoints/last.pt"), weights(tmp_path / "stopped/checkpoints/last.pt")
+    assert b["state"]["step"] == 60 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -1,0 +1,100 @@
+"""Hydra multirun sweeps, the report tool, the Optuna search config, and W&B logging (offline)."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from shd_vision.report import find_runs, summarise, swept_keys
+from wandb_records import history, records, run_record
+
+FAST = ["debug=fast", "data=synthetic", "data.train_size=64", "data.val_size=32", "data.batch_size=16",
+        "trainer.max_steps=2", "trainer.threads=2", "trainer.eval_teacher=false"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """kd=none,logit x seed=0,1 as one multirun (4 runs)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    result = run_cli("train.py", "-m", "kd=none,logit", "seed=0,1", *FAST, f"paths.log_dir={tmp}", "run_name=s1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "train" / "multiruns" / "s1"
+
+
+def test_each_sweep_point_gets_its_own_run_directory(sweep):
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]
+    configs = [yaml.safe_load((sweep / j / "config.yaml").read_text()) for j in jobs]
+    assert [(c["kd"]["name"], c["seed"]) for c in configs] == [("none", 0), ("none", 1), ("logit", 0), ("logit", 1)]
+
+
+def test_report_groups_runs_by_swept_values_and_averages_seeds(sweep, tmp_path):
+    result = run_cli("-m shd_vision.report", f"dir={sweep}", f"out={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = find_runs(sweep)
+    assert swept_keys(runs) == ["seed", "kd.name", "kd.terms.logit.weight"]
+    keys, rows = summarise(runs)
+    by_method = {r["kd.name"]: r for r in rows}
+    for method, row in by_method.items():
+        top1 = [r.summary["top1"] for r in runs if r.config["kd.name"] == method]
+        mean = sum(top1) / 2
+        assert row["top1"] == pytest.approx(mean) and row["seeds"] == 2
+        assert row["top1_std"] == pytest.approx((sum((t - mean) ** 2 for t in top1)) ** 0.5)  # n-1 = 1
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("| kd.name | kd.terms.logit.weight | top-1 (%) | seeds |") and table.count("\n") == 4
+    lines = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert sorted(line["kind"] for line in lines) == ["mean", "mean", "run", "run", "run", "run"]
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert "results.md" in result.stdout
+
+
+def test_report_of_a_folder_without_runs_is_a_user_error(tmp_path):
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path}")
+    assert result.returncode == 2 and "holds no finished run" in result.stderr
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials_and_writes_its_best_value(tmp_path, teacher_ckpt):
+    result = run_cli("train.py", "hparams_search=shd_optuna", "hydra.sweeper.n_trials=2", *FAST,
+                     "model=vit_fmnist_student", f"teacher.checkpoint={teacher_ckpt}", "data=fashion_mnist",
+                     "data.train_size=64", "data.val_size=32", f"paths.log_dir={tmp_path}", "run_name=opt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "train" / "multiruns" / "opt"
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"kd.terms.shd.weight", "kd.terms.shd.temperature"}
+    trials = [yaml.safe_load((sweep / j / "config.yaml").read_text())["kd"]["terms"]["shd"] for j in ("0", "1")]
+    assert all(0.1 <= t["weight"] <= 10 and 0.5 <= t["temperature"] <= 4 for t in trials)
+    summaries = [json.loads((sweep / j / "summary.json").read_text())["top1"] for j in ("0", "1")]
+    assert best["best_value"] == pytest.approx(max(summaries))
+
+
+def test_wandb_offline_logs_config_terms_pictures_and_summary(tmp_path, teacher_ckpt):
+    result = run_cli("train.py", "logger=wandb", "kd=shd", "debug=fast", f"teacher.checkpoint={teacher_ckpt}",
+                     f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", "trainer.threads=2",
+                     env={"WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (log_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    recs = records(log_file)
+    rows = history(recs)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert len(train_rows) == 4
+    assert {"train/loss/ce", "train/loss/logit", "train/loss/shd", "train/shd/w_eff", "train/lr",
+            "train/samples_per_s"} <= set(train_rows[0])
+    assert any("val/top1" in r for r in rows)
+    images = {k.split("/")[1] for r in rows for k, v in r.items() if k.endswith("/_type") and v == "image-file"}
+    assert {"curves", "confusion", "attention_image0", "squeeze_weights"} <= images
+    config = {i.key: json.loads(i.value_json) for i in run_record(recs).config.update}
+    assert config["kd"]["name"] == "shd" and config["kd"]["terms"]["shd"]["weight"] == 1.0
+    summary = {i.key: json.loads(i.value_json) for r in recs if r.WhichOneof("record_type") == "summary"
+               for i in r.summary.update if i.key}
+    assert summary["top1"] == json.loads((tmp_path / "run" / "summary.json").read_text())["top1"]
+
+
+def test_wandb_groups_the_runs_of_a_sweep(tmp_path):
+    result = run_cli("train.py", "-m", "logger=wandb", "seed=0,1", *FAST, "kd=none", f"paths.log_dir={tmp_path}",
+                     "run_name=g1", env={"WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    groups = {run_record(records(f)).run_group for f in (tmp_path / "train/multiruns/g1").glob("*/wandb/*/run-*.wandb")}
+    assert groups == {"g1"}

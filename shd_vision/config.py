@@ -247,6 +247,7 @@ class ReportConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     dir: str = MISSING
     out: Optional[str] = None
+    by: Optional[List[str]] = None
 
 
 def register_schemas() -> None:

@@ -15,7 +15,7 @@ import logging
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import hydra
 import matplotlib.pyplot as plt
@@ -79,9 +79,15 @@ def _mean_std(values: List[float]) -> Tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(runs: List[Run], seed_key: str = "seed") -> Tuple[List[str], List[Dict[str, Any]]]:
-    """Rows of the results table, best mean top-1 first, and the keys that tell them apart."""
-    keys = [k for k in swept_keys(runs) if k != seed_key]
+def summarise(runs: List[Run], by: Optional[List[str]] = None,
+              seed_key: str = "seed") -> Tuple[List[str], List[Dict[str, Any]]]:
+    """Rows of the results table, best mean top-1 first, and the keys that tell them apart
+    (``by``, or every key that differs between runs)."""
+    keys = list(by) if by else [k for k in swept_keys(runs) if k != seed_key]
+    for key in keys:
+        if all(key not in r.config for r in runs):
+            raise UserError(f"by={key} is not a config key of the runs; give keys such as "
+                            f"{', '.join(swept_keys(runs)[:6]) or 'kd.name, seed'}.")
     groups: Dict[Tuple, List[Run]] = {}
     for run in runs:
         groups.setdefault(tuple(run.config.get(k) for k in keys), []).append(run)
@@ -152,7 +158,7 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
     runs = find_runs(root)
     if not runs:
         raise UserError(f"dir={root} holds no finished run (a folder with summary.json and config.yaml).")
-    keys, rows = summarise(runs)
+    keys, rows = summarise(runs, list(cfg.by) if cfg.by else None)
     out = Path(cfg.out) if cfg.out else root
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(keys, rows)

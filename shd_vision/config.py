@@ -315,14 +315,19 @@ def run_stamp() -> str:
     """The name of a run directory, the same for every process of one launch.
 
     A SLURM job is named by its id, which a requeued job keeps (``trainer.resume=auto`` then
-    finds the checkpoints of the attempt before). torchrun workers are children of one agent
-    process, which outlives worker restarts, so its start time names the launch. Elsewhere it
-    is the current time.
+    finds the checkpoints of the attempt before). A multi-node torchrun launch is named by its
+    rendezvous id (``--rdzv-id``, the same on every node). On one node, torchrun workers are
+    children of one agent process, which outlives worker restarts, so its start time names the
+    launch. Elsewhere it is the current time.
     """
-    if "SLURM_JOB_ID" in os.environ:
-        array = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{os.environ['SLURM_JOB_ID']}" + (f"_{array}" if array else "")
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    env = os.environ
+    if "SLURM_JOB_ID" in env:
+        array = env.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{env['SLURM_JOB_ID']}" + (f"_{array}" if array else "")
+    multi_node = env.get("WORLD_SIZE", "1") != env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1"))
+    if multi_node and env.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
+    if "TORCHELASTIC_RUN_ID" in env:
         started = _process_start_time(os.getppid())
         if started is not None:
             return started.strftime("%Y-%m-%d_%H-%M-%S")

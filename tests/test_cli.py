@@ -1,5 +1,5 @@
-"""Bad input on the command line: one paragraph naming the value and what is valid, exit code 2,
-no traceback, and nothing already written touched."""
+"""Every user mistake the project knows, table-driven (docs/reliability.md lists them): one
+paragraph naming the value and what is valid, exit code 2, no traceback, nothing written touched."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,20 +31,40 @@ def bad_input_cases(tmp, teacher_ckpt):
         "cuda": (["trainer.device=cuda"], "trainer.device=cuda but this machine has no usable CUDA GPU"),
         "unwritable": ([f"hydra.run.dir={tmp}/a_file/run"], "a_file"),
         "unknown term": (["+kd.terms.magic.weight=1"], "no distillation method 'magic'"),
+        "unknown term key": (["+kd.terms.shd.tau=2"], "Key 'tau' not in 'SHDConfig'"),
+        "unknown study row": (["study=shd_median"], "study=shd_median: there is no conf/study/shd_median.yaml"),
+        "batch size": (["data.batch_size=0"], "data.batch_size=0 is out of range"),
+        "negative weight": (["kd.terms.logit.weight=-1"], "kd.terms.logit.weight=-1.0 is out of range"),
+        "no positive weight": (["kd=none", "kd.terms.ce.weight=0"], "kd=none has no term with a weight above 0"),
+        "head count": (["kd=shd", f"teacher.checkpoint={teacher_ckpt}", "model.num_heads=8"],
+                       "SHD cannot map 6 teacher heads to 8 student heads"),
+        "layer pair": (["kd=shd", "kd.terms.shd.layers=[[0,9]]"],
+                       "pair [0, 9] is out of range: the student has blocks 0..3 and the teacher 0..5"),
+        "layer mapping": (["kd=fitnet", "kd.terms.fitnet.layers=first"], "layers=first is not a layer mapping"),
+        "merge": (["kd=shd", "kd.terms.shd.merge=median"], "merge=median is not a valid choice"),
+        "shd on a cnn": (["kd=shd", "teacher.name=resnet10t", *[f"~teacher.{k}" for k in
+                          ("patch_size", "embed_dim", "depth", "num_heads", "img_size")]],
+                         "(ResNet) has no ViT-style global attention blocks"),
+        "deit without token": (["kd=deit"], "has none. Use a distilled DeiT: model=deit_tiny_distilled"),
+        "adkd view": (["kd=adkd", "kd.terms.adkd.views=[silver]"], "views=['silver'] must be a non-empty list"),
+        "resume missing": ([f"trainer.resume={tmp}/nope.pt"], "trainer.resume=" + f"{tmp}/nope.pt does not exist"),
+        "resume corrupt": ([f"trainer.resume={tmp}/garbage.pt"], "garbage.pt could not be read as a checkpoint"),
+        "resume other run": ([f"trainer.resume={teacher_ckpt}"], "does not fit this run's config"),
     }
-
-
 
 
 NAMES = ["unknown model", "unknown config", "data.root missing", "data.root malformed", "fashion-mnist missing",
          "teacher missing", "teacher corrupt", "teacher classes", "lr", "lr type", "epochs", "temperature",
-         "cuda", "unwritable", "unknown term"]
+         "cuda", "unwritable", "unknown term", "unknown term key", "unknown study row", "batch size",
+         "negative weight", "no positive weight", "head count", "layer pair", "layer mapping", "merge",
+         "shd on a cnn", "deit without token", "adkd view", "resume missing", "resume corrupt", "resume other run"]
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, teacher_ckpt):
     """Every case's command, run three at a time (each one is mostly interpreter start-up)."""
     cases = bad_input_cases(tmp_path_factory.mktemp("bad"), teacher_ckpt)
+    assert list(cases) == NAMES
 
     def run(name):
         args, expected = cases[name]

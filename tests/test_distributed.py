@@ -129,6 +129,16 @@ def test_a_slurm_task_maps_to_torch_distributed(monkeypatch):
     assert cluster_env() == {}  # torchrun inside an allocation sets its own
 
 
+def test_a_multi_node_torchrun_launch_is_named_by_its_rendezvous_id(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "exp7")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert run_stamp() == "torchrun-exp7"  # the same on every node
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # one node: the agent's start time, as a timestamp
+    assert run_stamp() != "torchrun-exp7" and len(run_stamp()) == len("2026-01-01_00-00-00")
+
+
 @pytest.mark.slow
 def test_a_sweep_through_submitit_local_with_two_tasks_per_job(tmp_path):
     result = run_cli("train.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",

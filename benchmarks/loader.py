@@ -1,0 +1,97 @@
+"""Does data loading keep up with the training step? Loader throughput (decode, augment, collate)
+beside the step throughput of logit KD and SHD, for the same input size and batch.
+
+The tiny preset reads the Debian Fashion-MNIST files; the DeiT presets read an ImageNet-style
+folder of JPEGs written on the fly (500x375, like ImageNet's median image) through the
+data=imagenet pipeline (RandAugment, random erasing, repeated augmentation).
+
+    python benchmarks/loader.py                                  # tiny pair, workers 0 and 2
+    python benchmarks/loader.py --preset deit_s_ti --workers 4 8 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PRESETS, build_step, machine, table, time_it  # noqa: E402
+
+
+def jpeg_folder(root: Path, images: int, classes: int = 10) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", images), ("val", classes)):
+        for i in range(count):
+            d = root / split / f"class{i % classes:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(d / f"{i}.jpg", quality=90)
+    return root
+
+
+def loader_rate(data_overrides, preset: str, workers: int, batch: int, batches: int) -> float:
+    """Training images per second out of the real train loader (after the first batch)."""
+    from shd_vision.config import compose_train
+    from shd_vision.data.loaders import batches as iterate, build_data, open_splits, resolve_input
+    from shd_vision.models.factory import build
+
+    cfg = compose_train([*PRESETS[preset]["overrides"], *data_overrides, f"data.num_workers={workers}",
+                         f"data.batch_size={batch}"])
+    student = build(cfg.model, cfg.data.num_classes, "model")
+    data = build_data(cfg.data, open_splits(cfg.data), resolve_input(cfg.data, student), cfg.seed)
+    it = iterate(data.train)
+    next(it)
+    t, n = time.perf_counter(), 0
+    for _ in range(batches):
+        x = next(it, None)
+        if x is None:
+            break
+        n += len(x[0])
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default: the preset's for the device")
+    parser.add_argument("--batches", type=int, default=20, help="batches timed per loader")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    batch = args.batch or PRESETS[args.preset]["batch"][device.type]
+    steps = {}
+    for method in ("logit", "shd"):
+        step, _ = build_step(args.preset, [f"kd={method}"], device, batch)
+        steps[method] = batch / time_it(step, device, args.steps, 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.preset == "tiny":
+            source, overrides = "Fashion-MNIST (Debian files)", ["data=fashion_mnist"]
+        else:
+            root = jpeg_folder(Path(tmp), batch * (args.batches + 1) + 8)
+            source, overrides = "JPEG folder, data=imagenet", ["data=imagenet", f"data.root={root}", "data.num_classes=10",
+                                                               "data.repeated_aug=0"]
+        rows = []
+        for w in args.workers:
+            rate = statistics.median(loader_rate(overrides, args.preset, w, batch, args.batches) for _ in range(2))
+            rows.append([source, w, f"{rate:.1f}", f"{steps['logit']:.1f}", f"{steps['shd']:.1f}",
+                         f"{rate / steps['shd']:.2f}"])
+            print(f"workers {w}: {rate:.0f} images/s", file=sys.stderr)
+    print(f"\n{args.preset} preset, batch {batch}, steps on {machine(device)}; loaders on {torch.get_num_threads()} "
+          f"threads + workers\n")
+    print(table(["data", "loader workers", "loader images/s", "logit step images/s", "shd step images/s",
+                 "loader / shd step"], rows))
+    print("\nloader / shd step above 1: loading keeps up with SHD training at that worker count "
+          "(with workers, loading overlaps the step; with 0 it adds to it).")
+
+
+if __name__ == "__main__":
+    main()

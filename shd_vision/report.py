@@ -2,9 +2,10 @@
 
 Reads every run under ``DIR`` (a ``train.py -m`` multirun directory, a quickstart directory, or
 any folder of run directories), finds the config values that differ between runs, and groups the
-runs by them, seeds aside: each row is one setting with its validation top-1 as mean ± std over
-seeds, its training throughput and time. Writes ``results.md``, ``results.csv`` (one line per run
-too) and ``curves.png`` (validation top-1 per epoch, mean over seeds, a band of ± one std).
+runs by them (or by the keys in ``by``), seeds aside: each row is one setting with its validation
+top-1 as mean ± std over seeds, and the median of its runs' training throughput and time. Writes
+``results.md``, ``results.csv`` (one line per run too) and ``curves.png`` (validation top-1 per
+epoch, mean over seeds, a band of ± one std).
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def summarise(runs: List[Run], by: Optional[List[str]] = None,
     rows = []
     for values, members in groups.items():
         top1, top1_std = _mean_std([r.summary["top1"] for r in members])
-        rate, _ = _mean_std([r.summary["train_samples_per_s"] for r in members])
-        seconds, _ = _mean_std([r.summary["wall_time_s"] for r in members])
+        # medians: one run slowed by a busy machine should not move a setting's cost
+        rate = statistics.median(r.summary["train_samples_per_s"] for r in members)
+        seconds = statistics.median(r.summary["wall_time_s"] for r in members)
         rows.append({**dict(zip(keys, values)), "top1": top1, "top1_std": top1_std, "seeds": len(members),
                      "samples_per_s": rate, "wall_time_s": seconds, "runs": members})
     rows.sort(key=lambda r: -r["top1"])

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from conftest import run_cli
+from shd_vision.errors import UserError
 from shd_vision.report import find_runs, summarise, swept_keys
 from wandb_records import history, records, run_record
 
@@ -48,6 +49,16 @@ def test_report_groups_runs_by_swept_values_and_averages_seeds(sweep, tmp_path):
     assert sorted(line["kind"] for line in lines) == ["mean", "mean", "run", "run", "run", "run"]
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert "results.md" in result.stdout
+
+
+def test_report_rows_by_chosen_keys(sweep):
+    runs = find_runs(sweep)
+    keys, rows = summarise(runs, by=["kd.name"])
+    assert keys == ["kd.name"] and sorted(r["kd.name"] for r in rows) == ["logit", "none"]
+    keys, rows = summarise(runs, by=["seed"])  # seeds as rows: each averages both methods
+    assert {r["seed"]: r["seeds"] for r in rows} == {0: 2, 1: 2}
+    with pytest.raises(UserError, match="by=kd.nam is not a config key of the runs; give keys such as seed"):
+        summarise(runs, by=["kd.nam"])
 
 
 def test_report_of_a_folder_without_runs_is_a_user_error(tmp_path):

@@ -183,11 +183,17 @@ class LoggerConfig:
 
 
 @dataclass
-class TrainConfig:
+class TaskConfig:
+    """What every entry point's config has: its task (logs/<task_name>/), its run and the paths."""
+
     task_name: str = MISSING
     run_name: str = MISSING
-    seed: int = at_least(0)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class TrainConfig(TaskConfig):
+    seed: int = at_least(0)
     model: Dict[str, Any] = MISSING
     teacher: Optional[Dict[str, Any]] = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -199,12 +205,9 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
-    task_name: str = MISSING
-    run_name: str = MISSING
+class EvalConfig(TaskConfig):
     ckpt: str = MISSING
     use_ema: bool = MISSING
-    paths: PathsConfig = field(default_factory=PathsConfig)
     model: Optional[Dict[str, Any]] = None
     data: Optional[DataConfig] = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -226,10 +229,7 @@ class QuickstartConfig(TrainConfig):
 
 
 @dataclass
-class VizConfig:
-    task_name: str = MISSING
-    run_name: str = MISSING
-    paths: PathsConfig = field(default_factory=PathsConfig)
+class VizConfig(TaskConfig):
     ckpt: str = MISSING
     teacher_checkpoint: Optional[str] = None
     images: int = at_least(1)
@@ -241,10 +241,7 @@ class VizConfig:
 
 
 @dataclass
-class ReportConfig:
-    task_name: str = MISSING
-    run_name: str = MISSING
-    paths: PathsConfig = field(default_factory=PathsConfig)
+class ReportConfig(TaskConfig):
     dir: str = MISSING
     out: Optional[str] = None
     by: Optional[List[str]] = None

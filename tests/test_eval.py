@@ -1,0 +1,32 @@
+"""eval.py on our checkpoints and on a timm weights file: the numbers of the run it came from."""
+
+import csv
+import json
+
+from conftest import debug_args, run_cli
+
+
+def evaluation(tmp, *args):
+    result = run_cli("eval.py", f"paths.log_dir={tmp}/logs", "hydra.run.dir=" + f"{tmp}/eval", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads((tmp / "eval" / "eval.json").read_text())
+
+
+def test_eval_reproduces_the_run_on_its_checkpoint_and_on_the_exported_weights(tmp_path):
+    assert run_cli("train.py", *debug_args(tmp_path, "kd=none", "trainer.export=true")).returncode == 0
+    trained = json.loads((tmp_path / "run" / "summary.json").read_text())
+
+    ours = evaluation(tmp_path, f"ckpt={tmp_path}/run/checkpoints/last.pt")
+    assert ours["samples"] == 128
+    assert abs(ours["top1"] - trained["top1"]) < 1e-6 and abs(ours["top5"] - trained["top5"]) < 1e-6
+    rows = list(csv.DictReader((tmp_path / "eval" / "per_class.csv").open()))
+    correct = sum(round(float(r["top1"]) * int(r["images"]) / 100) for r in rows)  # per class, to counts
+    assert len(rows) == 10 and sum(int(r["images"]) for r in rows) == 128
+    assert correct == round(ours["top1"] * 128 / 100)
+    assert (tmp_path / "eval" / "confusion.png").stat().st_size > 5_000
+    assert ours["images_per_s_model"] > 0 and ours["images_per_s_end_to_end"] > 0
+
+    weights = tmp_path / "run" / "export" / "model.safetensors"
+    timm_file = evaluation(tmp_path, f"ckpt={weights}", "model=vit_fmnist_student", "data=fashion_mnist",
+                           "data.val_size=128")
+    assert timm_file["top1"] == ours["top1"] and abs(timm_file["loss"] - ours["loss"]) < 1e-5  # batch sizes differ

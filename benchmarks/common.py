@@ -29,10 +29,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 def build_step(preset: str, kd: List[str], device: torch.device, batch: int, precision: str = "32",
-               channels_last: bool = False, compile_models: bool = False, model_overrides: Sequence[str] = ()):
+               channels_last: bool = False, compile_models: bool = False, model_overrides: Sequence[str] = (),
+               tf32: bool = True):
     """A full training step (teacher forward, student forward and backward, AdamW update) of
     ``preset`` with the kd overrides, on a fixed random batch. Returns ``(step, teacher_forward)``,
-    the second None when the method uses no teacher."""
+    the second None when the method uses no teacher. ``tf32``: float32 matmuls on TF32 tensor
+    cores (CUDA), as ``trainer.tf32`` does."""
     from shd_vision.config import compose_train
     from shd_vision.distill import Batch, Distiller
     from shd_vision.distill.base import active_terms, uses_teacher
@@ -41,6 +43,7 @@ def build_step(preset: str, kd: List[str], device: torch.device, batch: int, pre
     from shd_vision.models.teacher import Teacher
 
     p = PRESETS[preset]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     kd = [p["distilled"] if o == DISTILLED else o for o in kd]
     cfg = compose_train([*p["overrides"], *kd, *model_overrides])
     terms = active_terms(cfg.kd)
@@ -119,9 +122,11 @@ def peak_mb(device: torch.device) -> float:
 
 def run_isolated(script: Path, args: List[str]) -> Dict[str, Any]:
     """Run ``script --worker ARGS`` in a fresh interpreter (clean allocator and peak memory) and
-    return the JSON it prints last."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return the JSON it prints last, or ``{"error": "out of memory"}`` when the step did not fit."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0 and "OutOfMemoryError" in out.stderr:
+        return {"error": "out of memory"}
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -71,14 +71,25 @@ def main() -> None:
     runs = {m: [] for m in args.methods}
     for r in range(args.rounds):
         for m in args.methods:
+            if runs[m] and "error" in runs[m][-1]:
+                continue  # it did not fit in memory: another round will not either
             runs[m].append(run_isolated(Path(__file__), [*common, "--method", m]))
-            print(f"round {r + 1}/{args.rounds} {m}: {runs[m][-1]['step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
-    med = {m: {k: (statistics.median(x[k] for x in v) if v[0][k] is not None else None) for k in v[0]}
+            x = runs[m][-1]
+            print(f"round {r + 1}/{args.rounds} {m}: " + (x["error"] if "error" in x else f"{x['step_s'] * 1e3:.1f} ms/step"),
+                  file=sys.stderr)
+    med = {m: ({"error": v[0]["error"]} if "error" in v[0] else
+               {k: (statistics.median(x[k] for x in v) if v[0][k] is not None else None) for k in v[0]})
            for m, v in runs.items()}
     base = med["logit"]
-    rows = [[m, " ".join(METHODS[m]).replace(DISTILLED, PRESETS[args.preset]["distilled"]), f"{v['step_s'] * 1e3:.1f}", f"{v['step_s'] / base['step_s']:.2f}",
-             f"{args.batch / v['step_s']:.0f}", f"{v['peak_mb']:.0f}", f"{v['peak_mb'] / base['peak_mb']:.2f}",
-             f"{100 * v['teacher_s'] / v['step_s']:.0f}%" if v["teacher_s"] else "-"] for m, v in med.items()]
+    rows = []
+    for m, v in med.items():
+        overrides = " ".join(METHODS[m]).replace(DISTILLED, PRESETS[args.preset]["distilled"])
+        if "error" in v:
+            rows.append([m, overrides, f"{v['error']} at batch {args.batch}", *["-"] * 5])
+            continue
+        rows.append([m, overrides, f"{v['step_s'] * 1e3:.1f}", f"{v['step_s'] / base['step_s']:.2f}",
+                     f"{args.batch / v['step_s']:.0f}", f"{v['peak_mb']:.0f}", f"{v['peak_mb'] / base['peak_mb']:.2f}",
+                     f"{100 * v['teacher_s'] / v['step_s']:.0f}%" if v["teacher_s"] else "-"])
     print(f"\n{args.preset} preset, batch {args.batch}, precision {args.precision}, {machine(torch.device(args.device))}; "
           f"median of {args.rounds} rounds x {args.steps} steps\n")
     print(table(["method", "overrides", "ms/step", "x logit", "images/s", "peak MB", "x logit",

@@ -23,25 +23,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PRESETS, build_step, machine, peak_mb, reset_peak, run_isolated, table, time_it  # noqa: E402
 
 METHODS = {"logit": ["kd=logit"], "shd": ["kd=shd"]}
-VARIANTS = {  # name: (precision, channels_last, compile)
-    "fp32": ("32", False, False),
-    "bf16 autocast": ("bf16", False, False),
-    "fp16 autocast": ("fp16", False, False),
-    "channels_last": ("32", True, False),
-    "torch.compile": ("32", False, True),
-    "bf16 + compile": ("bf16", False, True),
+VARIANTS = {  # name: (precision, channels_last, compile, tf32)
+    "fp32": ("32", False, False, False),
+    "tf32": ("32", False, False, True),
+    "bf16 autocast": ("bf16", False, False, False),
+    "bf16 + tf32": ("bf16", False, False, True),
+    "fp16 autocast": ("fp16", False, False, False),
+    "channels_last": ("32", True, False, False),
+    "torch.compile": ("32", False, True, False),
+    "bf16 + tf32 + compile": ("bf16", False, True, True),
 }
 
 
 def available(variant: str, device: torch.device) -> bool:
-    return not (variant.startswith("fp16") and device.type != "cuda")  # CPU autocast is bf16
+    if device.type == "cuda":
+        return True
+    return not (variant.startswith("fp16") or "tf32" in variant)  # CPU autocast is bf16; no TF32
 
 
 def worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
-    precision, channels_last, compile_models = VARIANTS[args.variant]
+    precision, channels_last, compile_models, tf32 = VARIANTS[args.variant]
     step, _ = build_step(args.preset, METHODS[args.method], device, args.batch, precision, channels_last,
-                         compile_models)
+                         compile_models, tf32=tf32)
     t = time.perf_counter()
     step()  # the first step compiles
     first = time.perf_counter() - t
@@ -86,7 +90,9 @@ def main() -> None:
           f"{args.steps} steps\n")
     print(table(["method", "variant", "ms/step", "images/s", "speed-up vs fp32", "peak MB", "first step s"], rows))
     print("\nfirst step s: the first step alone, which includes compilation where torch.compile is on. "
-          "fp16 runs on CUDA only (CPU autocast is bf16); fp16 here has no gradient scaler.")
+          "fp16 and TF32 run on CUDA only (CPU autocast is bf16); fp16 here has no gradient scaler. "
+          "tf32: float32 matmuls on TF32 tensor cores (trainer.tf32); without it, float32 work "
+          "inside bf16 autocast (SHD's squeeze) runs at full float32 cost.")
 
 
 if __name__ == "__main__":

@@ -152,6 +152,7 @@ class TrainerConfig:
     precision: str = one_of("32", "bf16", "fp16", default="32")
     compile: bool = MISSING
     channels_last: bool = MISSING
+    tf32: bool = MISSING
     grad_clip: Optional[float] = greater_than(0.0, None)
     accumulate: int = greater_than(0)
     log_every: int = greater_than(0)

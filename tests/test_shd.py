@@ -234,3 +234,41 @@ def test_a_cnn_teacher_is_a_one_paragraph_error():
     teacher = timm.create_model("resnet10t", num_classes=5)
     with pytest.raises(UserError, match="no ViT-style global attention"):
         step(vit().float(), teacher, shd_terms())
+
+
+@pytest.mark.parametrize("merge,temperature", [("progressive", 1.0), ("group", 2.0), ("mean", 0.5)])
+def test_stacked_block_pairs_equal_a_loop_over_pairs(merge, temperature):
+    """SHD runs every block pair of one shape as one batch; the loss, its gradient and every log
+    must equal the pair-by-pair computation with the public functions."""
+    teacher = timm.create_model("deit_small_patch16_224", img_size=32, num_classes=5).double().eval()
+    student = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=5, depth=4).double()
+    terms = shd_terms(merge=merge, temperature=temperature)
+    distiller = Distiller(student, terms, teacher)
+    student_tap = Tap(student, distiller.needs.student, "student")
+    teacher_tap = Tap(teacher, distiller.needs.teacher_capture, "teacher", record_probs=True)
+    x = torch.randn(3, 3, 32, 32, dtype=F64)
+    with student_tap.recording_on():
+        student(x)
+    with teacher_tap.recording_on(), torch.no_grad():
+        teacher(x)
+    s_rec, t_rec = student_tap.pop().attention, teacher_tap.pop().attention
+    layout_s, layout_t = token_layout(student), token_layout(teacher)
+    losses, logs = [], {}
+    for s, t in layer_pairs(4, 12):
+        target, w = squeezed_targets(t_rec[t], 3, merge, temperature, layout_t, layout_s)
+        loss = attention_kl(s_rec[s].scores(), target, temperature)
+        losses.append(loss)
+        logs[f"layer{s}"] = loss.detach()
+    reference = torch.stack(losses).mean()
+    (ref_grad,) = torch.autograd.grad(reference, student.blocks[1].attn.qkv.weight, retain_graph=True)
+
+    class Out:  # the two Outputs the term reads
+        def __init__(self, rec):
+            self.record = type("R", (), {"attention": rec})()
+
+    loss, term_logs = distiller.methods["shd"](None, Out(s_rec), Out(t_rec))
+    torch.testing.assert_close(loss, reference)
+    (grad,) = torch.autograd.grad(loss, student.blocks[1].attn.qkv.weight)
+    torch.testing.assert_close(grad, ref_grad)
+    for k, v in logs.items():
+        torch.testing.assert_close(term_logs[k], v)

@@ -9,12 +9,16 @@ Circuits are kept in factored form inside the squeeze: head ``h``'s circuit is
 ``X_h = V_h W_O,hᵀ`` with ``V_h`` ``[N, d_h]``, so a merged head's circuit is a concatenation of
 factors of rank ``k·d_h`` and every ``M X`` product costs ``N²·k·d_h`` instead of ``N²·D``. The
 public :func:`squeeze_weights` takes full circuits and runs the same merge code (ours).
+
+The squeeze and the loss take any leading dimensions (``...`` below): SHD stacks all the block
+pairs of one shape and runs them as one batch, since a loop over 12 pairs launched thousands of
+small kernels and left a GPU idle for half of a DeiT step (docs/performance.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +31,15 @@ from shd_vision.distill.mapping import align_maps, layer_pairs, resolve_pairs, s
 from shd_vision.errors import UserError
 from shd_vision.models.taps import AttentionRecord, Capture, TokenLayout, token_layout, vit_blocks
 
-__all__ = ["attention_kl", "layer_pairs", "squeeze_weights", "squeezed_targets", "SHD"]
+__all__ = ["attention_kl", "attention_kl_rows", "layer_pairs", "squeeze_weights", "squeezed_targets", "SHD"]
 
 MERGES = ("progressive", "group", "mean")
 
 
 @dataclass
 class _Circuit:
-    """A circuit ``X = V Wᵀ`` in factors ``V`` ``[B, N, r]`` and ``W`` ``[D, r]``; ``W`` None means
-    ``X = V`` (full circuits)."""
+    """A circuit ``X = V Wᵀ`` in factors ``V`` ``[..., N, r]`` and ``W`` ``[..., D, r]`` (leading
+    dimensions broadcast); ``W`` None means ``X = V`` (full circuits)."""
 
     v: Tensor
     w: Optional[Tensor]
@@ -46,22 +50,22 @@ class _Circuit:
         return _Circuit(torch.cat([self.v, other.v], -1), torch.cat([self.w, other.w], -1))
 
     def left(self, m: Tensor) -> "_Circuit":
-        """``M X`` for maps ``M`` ``[B, N, N]``."""
+        """``M X`` for maps ``M`` ``[..., N, N]``."""
         return _Circuit(m @ self.v, self.w)
 
 
 def _inner(a: _Circuit, b: _Circuit) -> Tensor:
-    """Frobenius inner products ``⟨A, B⟩`` per sample, ``[B]``."""
+    """Frobenius inner products ``⟨A, B⟩`` per sample, ``[...]``."""
     if a.w is None:
         return (a.v * b.v).sum((-2, -1))
-    return ((a.v.transpose(-2, -1) @ b.v) * (a.w.T @ b.w)).sum((-2, -1))
+    return ((a.v.transpose(-2, -1) @ b.v) * (a.w.transpose(-2, -1) @ b.w)).sum((-2, -1))
 
 
 @dataclass
 class _Head:
-    map: Tensor  # [B, N, N], a convex combination of teacher maps
+    map: Tensor  # [..., N, N], a convex combination of teacher maps
     circuit: _Circuit
-    weights: Tensor  # [B, Ht], that combination
+    weights: Tensor  # [..., Ht], that combination
 
 
 def _merge_pair(u: _Head, v: _Head) -> _Head:
@@ -77,7 +81,7 @@ def _merge_pair(u: _Head, v: _Head) -> _Head:
     num, den = uu + uv, uu + 2 * uv + vv
     alpha = torch.where(den > 1e-9 * (uu + vv), num / den.clamp_min(torch.finfo(den.dtype).tiny),
                         torch.full_like(den, 0.5)).clamp(0.0, 1.0)
-    a = alpha[:, None]
+    a = alpha[..., None]
     return _Head(v.map + a[..., None] * delta, u.circuit + v.circuit, v.weights + a * (u.weights - v.weights))
 
 
@@ -107,11 +111,11 @@ def _group_weights(heads: List[_Head]) -> Tensor:
     weights are then set to 0 and the rest renormalised (ours).
 
     Returns:
-        ``[B, k]``.
+        ``[..., k]``.
     """
     k = len(heads)
     if k == 1:
-        return torch.ones_like(heads[0].map[:, 0, :1])
+        return torch.ones_like(heads[0].map[..., 0, :1])
     ref = heads[-1]
     s = heads[0].circuit
     for h in heads[1:]:
@@ -121,10 +125,10 @@ def _group_weights(heads: List[_Head]) -> Tensor:
     f = heads[0].circuit.left(deltas[0])
     for h, d in zip(heads[1:-1], deltas[1:]):
         f = f + h.circuit.left(d)
-    gram = torch.stack([torch.stack([_inner(a, b) for b in e], -1) for a in e], -2)  # [B, k-1, k-1]
-    rhs = torch.stack([_inner(a, f) for a in e], -1)  # [B, k-1]
+    gram = torch.stack([torch.stack([_inner(a, b) for b in e], -1) for a in e], -2)  # [..., k-1, k-1]
+    rhs = torch.stack([_inner(a, f) for a in e], -1)  # [..., k-1]
     eye = torch.eye(k - 1, dtype=gram.dtype, device=gram.device)
-    ridge = 1e-9 * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]
+    ridge = 1e-9 * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
     w = torch.linalg.solve(gram + ridge * eye, (rhs + ridge[..., 0] / k)[..., None])[..., 0]
     w = torch.cat([w, 1 - w.sum(-1, keepdim=True)], -1).clamp_min(0)
     total = w.sum(-1, keepdim=True)
@@ -141,23 +145,24 @@ def check_head_counts(num_student_heads: int, num_teacher_heads: int, where: str
 
 
 def _squeeze(attn: Tensor, circuits: List[_Circuit], num_student_heads: int, merge: str) -> Tensor:
-    b, ht = attn.shape[:2]
+    """``W`` ``[..., Hs, Ht]`` for maps ``attn`` ``[..., Ht, N, N]`` and one circuit per head."""
+    lead, ht = attn.shape[:-3], attn.shape[-3]
     check_head_counts(num_student_heads, ht)
     if merge not in MERGES:
         raise UserError(f"merge={merge} is unknown; use one of: {', '.join(MERGES)}.")
     eye = torch.eye(ht, dtype=attn.dtype, device=attn.device)
     if num_student_heads >= ht:  # teacher head j supervises student heads j·r … j·r+r−1
         r = num_student_heads // ht
-        return eye.repeat_interleave(r, dim=0).expand(b, -1, -1).clone()
-    heads = [_Head(attn[:, h], circuits[h], eye[h].expand(b, -1)) for h in range(ht)]
+        return eye.repeat_interleave(r, dim=0).expand(*lead, -1, -1).clone()
+    heads = [_Head(attn[..., h, :, :], circuits[h], eye[h].expand(*lead, -1)) for h in range(ht)]
     if merge == "progressive":
-        return torch.stack([h.weights for h in _progressive(heads, num_student_heads)], 1)
-    w = torch.zeros(b, num_student_heads, ht, dtype=attn.dtype, device=attn.device)
+        return torch.stack([h.weights for h in _progressive(heads, num_student_heads)], -2)
+    w = torch.zeros(*lead, num_student_heads, ht, dtype=attn.dtype, device=attn.device)
     for g, group in enumerate(balanced_groups(ht, num_student_heads)):
         if merge == "mean":
-            w[:, g, group] = 1.0 / len(group)
+            w[..., g, group] = 1.0 / len(group)
         else:
-            w[:, g, group] = _group_weights([heads[h] for h in group])
+            w[..., g, group] = _group_weights([heads[h] for h in group])
     return w
 
 
@@ -190,30 +195,36 @@ def attention_kl(student_scores: Tensor, teacher_maps: Tensor, temperature: floa
     Returns:
         A scalar; gradients reach the student's scores only.
     """
+    return attention_kl_rows(student_scores, teacher_maps, temperature).mean()
+
+
+def attention_kl_rows(student_scores: Tensor, teacher_maps: Tensor, temperature: float) -> Tensor:
+    """:func:`attention_kl` before the mean: ``τ² · KL`` per row, ``[..., N]`` for ``[..., N, N]``."""
     scores = upcast(student_scores)
     log_q = F.log_softmax(scores if temperature == 1 else scores / temperature, dim=-1)
     p = upcast(teacher_maps.detach())
-    return temperature ** 2 * (torch.xlogy(p, p) - p * log_q).sum(-1).mean()
+    return temperature ** 2 * (torch.xlogy(p, p) - p * log_q).sum(-1)
 
 
 @torch.no_grad()
 def squeezed_targets(record: AttentionRecord, num_student_heads: int, merge: str, temperature: float,
                      teacher_layout: TokenLayout, student_layout: TokenLayout) -> Tuple[Tensor, Tensor]:
-    """One teacher block's squeezed, softened maps on the student's tokens.
+    """A teacher block's squeezed, softened maps on the student's tokens; a stacked record
+    (:meth:`AttentionRecord.stack`) gives every block of the stack at once.
 
     Returns:
-        ``T`` ``[B, Hs, N', N']`` (``T_g = Σ_h W[g, h] softmax(Z_t,h / τ)``, then the tokens of
-        methods.md §6) and the squeeze weights ``W`` ``[B, Hs, Ht]``.
+        ``T`` ``[..., B, Hs, N', N']`` (``T_g = Σ_h W[g, h] softmax(Z_t,h / τ)``, then the tokens
+        of methods.md §6) and the squeeze weights ``W`` ``[..., B, Hs, Ht]``.
     """
     with torch.autocast(record.q.device.type, enabled=False):  # the least squares need float32
         maps = upcast(record.maps())
-        h, d_h = record.v.shape[1], record.v.shape[-1]
+        h, d_h = record.v.shape[-3], record.v.shape[-1]
         v, w_o = upcast(record.v), upcast(record.proj_weight)
-        circuits = [_Circuit(v[:, i], w_o[:, i * d_h:(i + 1) * d_h]) for i in range(h)]
+        circuits = [_Circuit(v[..., i, :, :], w_o[..., i * d_h:(i + 1) * d_h]) for i in range(h)]
         w = _squeeze(maps, circuits, num_student_heads, merge)
         # softmax(Z/τ) = p^(1/τ) / Σ p^(1/τ) for p = softmax(Z): the normaliser of Z cancels
         soft = maps if temperature == 1 else F.normalize(maps.pow(1 / temperature), p=1, dim=-1)
-        target = torch.einsum("bgh,bhqk->bgqk", w, soft)
+        target = torch.einsum("...gh,...hqk->...gqk", w, soft)
         return align_maps(target, teacher_layout, student_layout), w
 
 
@@ -248,20 +259,25 @@ class SHD(Method):
                      teacher_capture=Capture(attention=frozenset(t for _, t in self.pairs)))
 
     def forward(self, batch, student, teacher):
-        cfg, logs, losses, w_max, w_eff = self.cfg, {}, [], [], []
+        cfg = self.cfg
+        groups: Dict[Tuple, List[Tuple[int, int]]] = {}  # pairs whose tensors stack
         for s, t in self.pairs:
-            target, w = squeezed_targets(teacher.record.attention[t], self.heads[s], cfg.merge,
-                                         cfg.temperature, self.teacher_layout, self.student_layout)
-            scores = select_tokens(student.record.attention[s].scores(), self.student_layout,
-                                   self.teacher_layout, dims=(-2, -1))
-            loss = attention_kl(scores, target, cfg.temperature)
+            t_rec, s_rec = teacher.record.attention[t], student.record.attention[s]
+            groups.setdefault((t_rec.v.shape, t_rec.proj_weight.shape, s_rec.q.shape, s_rec.scale), []).append((s, t))
+        losses, w_max, w_eff, logs = [], [], [], {}
+        for pairs in groups.values():
+            t_rec = AttentionRecord.stack([teacher.record.attention[t] for _, t in pairs])
+            s_rec = AttentionRecord.stack([student.record.attention[s] for s, _ in pairs])
+            target, w = squeezed_targets(t_rec, self.heads[pairs[0][0]], cfg.merge, cfg.temperature,
+                                         self.teacher_layout, self.student_layout)  # [P, B, Hs, N', N']
+            scores = select_tokens(s_rec.scores(), self.student_layout, self.teacher_layout, dims=(-2, -1))
+            loss = attention_kl_rows(scores, target, cfg.temperature).flatten(1).mean(1)  # [P]
             losses.append(loss)
-            logs[f"layer{s}"] = loss.detach()
-            w_max.append(w.max(-1).values.mean())
-            w_eff.append((1 / w.pow(2).sum(-1)).mean())
+            logs.update({f"layer{s}": x for (s, _), x in zip(pairs, loss.detach())})
+            w_max.append(w.max(-1).values.flatten(1).mean(1))
+            w_eff.append((1 / w.pow(2).sum(-1)).flatten(1).mean(1))
         # w_max: mean largest weight per student head (1: one teacher head dominates);
         # w_eff: effective number of teacher heads per student head (the group size when balanced)
-        logs["w_max"] = torch.stack(w_max).mean()
-        logs["w_eff"] = torch.stack(w_eff).mean()
-        return torch.stack(losses).mean(), logs
-
+        logs["w_max"] = torch.cat(w_max).mean()
+        logs["w_eff"] = torch.cat(w_eff).mean()
+        return torch.cat(losses).mean(), logs

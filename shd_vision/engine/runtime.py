@@ -100,6 +100,7 @@ def setup(trainer: DictConfig) -> Runtime:
     device = resolve_device(trainer.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = trainer.tf32
     if world > 1 and not dist.is_initialized():
         backend = trainer.dist_backend
         if backend == "auto":

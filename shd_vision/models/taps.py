@@ -65,6 +65,20 @@ class AttentionRecord:
     proj_weight: Tensor
     probs: Optional[Tensor] = None
 
+    @staticmethod
+    def stack(records: List["AttentionRecord"]) -> "AttentionRecord":
+        """Records of blocks with equal shapes as one, with a leading block axis: ``q``, ``k``,
+        ``v`` ``[P, B, H, N, d_h]``, ``proj_weight`` ``[P, 1, D, H·d_h]``, ``probs``
+        ``[P, B, H, N, N]``, so that every block's math runs as one batch."""
+        def stack(ts: List[Tensor]) -> Tensor:
+            return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+        probs = [r.probs for r in records]
+        return AttentionRecord(stack([r.q for r in records]), stack([r.k for r in records]),
+                               stack([r.v for r in records]), records[0].scale,
+                               stack([r.proj_weight for r in records]).unsqueeze(1),
+                               None if any(p is None for p in probs) else stack(probs))
+
     def scores(self) -> Tensor:
         """Pre-softmax scores ``q kᵀ · scale``, ``[B, H, N, N]``."""
         return (self.q * self.scale) @ self.k.transpose(-2, -1)

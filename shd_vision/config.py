@@ -47,7 +47,7 @@ class PathsConfig:
     data_dir: str = MISSING
     log_dir: str = MISSING
     teacher_dir: str = MISSING
-    output_dir: str = MISSING
+    output_dir: Optional[str] = MISSING  # None only when Hydra prints the config (--cfg job --resolve)
 
 
 @dataclass

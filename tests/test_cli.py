@@ -103,7 +103,12 @@ def test_a_rejected_resume_leaves_the_run_untouched(tmp_path):
     assert all(p.read_bytes() == data for p, data in before.items())
 
 
-def test_print_config(tmp_path):
-    result = run_cli("train.py", "--cfg", "job", "kd=logit", "trainer.epochs=3")
-    assert result.returncode == 0
+@pytest.mark.parametrize("resolve", [False, True])
+def test_print_config(resolve):
+    """Hydra's ``--cfg job [--resolve]``; resolving must not trip over the run directory, which
+    Hydra names only when a job starts."""
+    result = run_cli("train.py", "--cfg", "job", *(["--resolve"] if resolve else []), "kd=logit", "trainer.epochs=3")
+    assert result.returncode == 0, result.stderr[-2000:]
     assert "epochs: 3" in result.stdout and "temperature: 4.0" in result.stdout
+    assert ("output_dir: null" in result.stdout) == resolve
+    assert ("${" in result.stdout) != resolve

@@ -75,3 +75,26 @@ def test_teacher_sees_the_batch_in_its_own_normalisation_channels_and_size():
     torch.testing.assert_close(teacher.adapt(x), expected)
     teacher.train()
     assert not teacher.training and teacher(x).logits.shape == (2, 10)
+
+
+def test_a_grey_teacher_sees_an_rgb_students_batch_as_its_own_grey_image():
+    """The design card's pairing: a 224-px RGB student fed Fashion-MNIST (grey replicated to three
+    channels, with the grey statistics), and the 28-px grey teacher of the embedded default."""
+    model = build(TINY, 10, "teacher")
+    s_mean, s_std, t_mean, t_std = (0.2860,), (0.3530,), (0.5,), (0.25,)
+    teacher = Teacher(model, (t_mean, t_std), {"input_size": (3, 224, 224), "mean": s_mean, "std": s_std})
+    grey = torch.rand(2, 1, 224, 224)
+    colour = torch.rand(2, 3, 224, 224)
+    for raw, luma in ((grey.expand(-1, 3, -1, -1), grey),
+                      (colour, 0.299 * colour[:, :1] + 0.587 * colour[:, 1:2] + 0.114 * colour[:, 2:])):
+        x = (raw - s_mean[0]) / s_std[0]
+        expected = F.interpolate((luma - t_mean[0]) / t_std[0], size=(28, 28), mode="bilinear",
+                                 antialias=True, align_corners=False)
+        torch.testing.assert_close(teacher.adapt(x), expected, atol=1e-5, rtol=1e-5)
+    assert teacher(x).logits.shape == (2, 10)
+
+
+def test_channel_counts_a_teacher_cannot_bridge_are_named():
+    model = build(TINY, 10, "teacher")
+    with pytest.raises(UserError, match="1-channel images and the student 4-channel"):
+        Teacher(model, ((0.5,), (0.5,)), {"input_size": (4, 28, 28), "mean": (0.5,) * 4, "std": (0.5,) * 4})

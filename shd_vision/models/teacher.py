@@ -13,13 +13,16 @@ from shd_vision.errors import UserError
 from shd_vision.models.factory import input_size
 from shd_vision.models.taps import Capture, Outputs, Tap, token_layout
 
+LUMA = (0.299, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
 
 class Teacher(nn.Module):
     """A frozen teacher that takes batches prepared for the student.
 
     The batch is re-normalised with the teacher's statistics (``timm.task.DistillationTeacher``),
-    grey images are repeated to the teacher's three channels, and the images are resized when
-    the teacher takes another size.
+    grey images are repeated to an RGB teacher's three channels, RGB images are turned grey (ITU-R
+    601 luma, as PIL and torchvision do) for a grey teacher, and the images are resized (with
+    antialiasing) when the teacher takes another size.
 
     Args:
         model: the teacher, weights loaded.
@@ -38,9 +41,10 @@ class Teacher(nn.Module):
         model.requires_grad_(False)
         c_s, h_s, w_s = student_input["input_size"]
         c_t, h_t, w_t = input_size(model)
-        if c_s == 3 and c_t == 1:
-            raise UserError("The teacher takes grey images but the student takes RGB; give the "
-                            "student in_chans=1 or use a teacher with three input channels.")
+        if c_s != c_t and sorted((c_s, c_t)) != [1, 3]:
+            raise UserError(f"The teacher takes {c_t}-channel images and the student {c_s}-channel "
+                            "ones; a teacher can only bridge grey (1) and RGB (3) inputs. Give one "
+                            "of them in_chans equal to the other's.")
         self.size = None if (h_s, w_s) == (h_t, w_t) else (h_t, w_t)
         self.register_buffer("student_mean", torch.tensor(student_input["mean"]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("student_std", torch.tensor(student_input["std"]).view(1, -1, 1, 1), persistent=False)
@@ -58,8 +62,11 @@ class Teacher(nn.Module):
     def adapt(self, images: Tensor) -> Tensor:
         """The student's batch ``[B, C_s, H_s, W_s]`` as the teacher expects it."""
         x = self.kd.normalize_input(images, self.student_mean, self.student_std)
-        if x.shape[1] != self.kd.mean_kd.shape[1]:  # equal statistics skip re-normalising grey
-            x = x.expand(-1, self.kd.mean_kd.shape[1], -1, -1)
+        c_t = self.kd.mean_kd.shape[1]
+        if x.shape[1] == 3 and c_t == 1:  # normalisation is affine, so luma commutes with it
+            x = torch.einsum("bchw,c->bhw", x, x.new_tensor(LUMA))[:, None]
+        elif x.shape[1] != c_t:  # grey to RGB; equal statistics skip re-normalising grey
+            x = x.expand(-1, c_t, -1, -1)
         if self.size is not None:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
         return x

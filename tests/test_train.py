@@ -108,3 +108,25 @@ def test_kd_none_needs_no_teacher_checkpoint(make_cfg, tmp_path):
     summary, _ = train(make_cfg("kd=none", f"teacher.checkpoint={tmp_path}/missing.pt",
                              "trainer.allow_random_teacher=false"))
     assert summary["teacher"] is None
+
+
+def test_a_run_of_hours_says_so_once_before_its_first_log_line(make_cfg, tmp_path, monkeypatch):
+    """A slow step (here: a clock that advances 50 min per step) gets a rate and ETA line after
+    its first 20 s, and one warning naming what shortens the run, not one per log line."""
+    from types import SimpleNamespace
+
+    from shd_vision.engine import logbook
+
+    clock = {"t": 0.0}
+
+    def slow_clock():
+        clock["t"] += 3000.0
+        return clock["t"]
+
+    monkeypatch.setattr(logbook, "time", SimpleNamespace(perf_counter=slow_clock))
+    train(make_cfg("kd=none", "trainer.log_every=3", "trainer.max_steps=6"))
+    text = (tmp_path / "run/train.log").read_text()
+    assert text.count("at this rate the run needs") == 1 and "trainer.max_steps=N" in text
+    early = text.index("first 1 steps:")
+    assert early < text.index("at this rate the run needs 4:10:00 more") < text.index("step 3/6")
+    assert "img/s | eta 4:10:00" in text[early:early + 80]

@@ -53,7 +53,8 @@ def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+    d, h = divmod(h, 24)
+    return f"{d}d {h}:{m:02d}:{s:02d}" if d else f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class Throughput:
@@ -62,7 +63,7 @@ class Throughput:
 
     def __init__(self, total_steps: int):
         self.total = total_steps
-        self.samples, self.seconds = 0, 0.0
+        self.samples, self.steps, self.seconds = 0, 0, 0.0
         self._since: Optional[float] = None
         self._window = [0, 0, 0.0]  # samples, steps, seconds since the last read
 
@@ -78,6 +79,7 @@ class Throughput:
 
     def step(self, samples: int) -> None:
         self.samples += samples
+        self.steps += 1
         self._window[0] += samples
         self._window[1] += 1
 
@@ -89,6 +91,13 @@ class Throughput:
         self._window = [0, 0, 0.0]
         seconds = max(seconds, 1e-9)
         return {"samples_per_s": samples / seconds, "eta_s": (self.total - step) * seconds / max(steps, 1)}
+
+    def so_far(self, step: int) -> Dict[str, float]:
+        """Rate and time left over every step timed so far, leaving the read window alone."""
+        seconds = self.seconds + (time.perf_counter() - self._since if self._since is not None else 0.0)
+        rate = self.samples / max(seconds, 1e-9)
+        return {"seconds": seconds, "steps": self.steps, "samples_per_s": rate,
+                "eta_s": (self.total - step) * seconds / max(self.steps, 1)}
 
     @property
     def mean_rate(self) -> float:

@@ -12,8 +12,6 @@ import contextlib
 import json
 import logging
 import math
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from shd_vision.data.loaders import batches, build_data, open_splits, resolve_in
 from shd_vision.distill import Batch, Distiller
 from shd_vision.distill.base import active_terms, uses_teacher
 from shd_vision.engine import runtime
+from shd_vision.engine.guards import LossWatch, Stop, StopSignals
 from shd_vision.engine.checkpoint import (FORMAT_VERSION, Checkpoints, export_student, load,
                                           rng_state, set_rng_state)
 from shd_vision.engine.logbook import Logbook, Throughput, WandbSink, format_duration, read_jsonl, run_logging
@@ -76,44 +75,6 @@ def train(cfg: DictConfig) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         return summary, objects
     finally:
         runtime.teardown(rt)
-
-
-class _Stop(Exception):
-    """A stop signal arrived; the loop ends at the step boundary where this is raised."""
-
-
-class StopSignals:
-    """SIGTERM and SIGUSR1 (SLURM pre-emption, or ``--signal=USR1@90`` before a time limit) ask the
-    run to stop: it finishes the step in flight, saves a checkpoint and returns."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.received: Optional[str] = None
-        self._previous: Dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def check(self, rt: runtime.Runtime) -> None:
-        """Raise :class:`_Stop` on every rank once any rank has been signalled."""
-        stop = self.received is not None
-        if rt.distributed:
-            flag = torch.tensor([float(stop)], device=rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = flag.item() > 0
-        if stop:
-            raise _Stop(self.received or "a stop signal on another rank")
 
 
 def _prepare_run_dir(cfg: DictConfig, rt: runtime.Runtime) -> Path:
@@ -209,6 +170,8 @@ class Run:
         if tr.max_steps:
             self.total_steps = min(self.total_steps, tr.max_steps)
         self.checkpoints = Checkpoints(run_dir)
+        self.loss_watch = LossWatch(rt.device)
+        self._told_eta = False
         self.state = TrainState()
         self.last_val: Dict[str, Any] = {}
         self.teacher_top1: Optional[float] = None
@@ -259,6 +222,7 @@ class Run:
         return ckpt
 
     def save(self, is_best: bool) -> None:
+        self._check_loss()
         ckpt = self.state_dict()  # every rank joins the RNG gather
         if self.rt.is_main:
             self.checkpoints.save(ckpt, is_best)
@@ -320,7 +284,7 @@ class Run:
                     self.train_epoch(throughput, signals)
                     throughput.stop()
                     self.validate_and_save()
-            except _Stop as stop:
+            except Stop as stop:
                 return self.stopped(str(stop), throughput)
         if "confusion" not in self.last_val:  # resumed a run that had already finished
             self.validate_and_save()
@@ -363,8 +327,7 @@ class Run:
                     teacher_out = self.teacher(images) if self.teacher is not None else None
                     terms, extra, _ = self.model(batch, teacher_out)
                     loss = sum(terms.values())
-                if not math.isfinite(loss.item()):
-                    self._diverged(loss, terms)
+                self.loss_watch.record(st.step + 1, loss, terms)
                 self.scaler.scale(loss / tr.accumulate).backward()
             for k, v in {"loss": loss, **{f"loss/{n}": t for n, t in terms.items()}, **extra}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -382,16 +345,22 @@ class Run:
             if self.ema is not None:
                 self.ema.update(self.student, step=st.step)
             throughput.step(self.global_batch)
-            if st.step % tr.log_every == 0 or st.step == self.total_steps:
+            log_now = st.step % tr.log_every == 0 or st.step == self.total_steps
+            if log_now:
+                self._check_loss()
                 self._log_train(self._mean_over_ranks(sums, count), throughput.read(st.step))
                 sums, count = {}, 0
+            elif not self._told_eta:
+                self._early_estimate(throughput)
             if tr.ckpt_every_steps and st.step % tr.ckpt_every_steps == 0:
                 throughput.stop()
                 self.save(is_best=False)
                 throughput.start()
-            signals.check(self.rt)
+            if log_now or not self.rt.distributed:  # ranks agree on a stop at log lines only
+                signals.check(self.rt)
             if st.step >= self.total_steps or st.epoch_batches >= batches_per_epoch:
                 break
+        self._check_loss()
         if st.epoch_batches >= batches_per_epoch:
             st.epoch, st.epoch_batches = st.epoch + 1, 0
 
@@ -401,14 +370,19 @@ class Run:
         runtime.all_reduce_sum(values, self.rt)
         return dict(zip(sorted(sums), values.tolist()))
 
-    def _diverged(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> None:
-        values = ", ".join(f"{n}={t.item():.4g}" for n, t in terms.items())
+    def _check_loss(self) -> None:
+        """Stop with the first non-finite loss since the run started; before every log line and
+        checkpoint, so a bad state is never saved over the last good one."""
+        bad = self.loss_watch.first_bad(self.rt)
+        if bad is None:
+            return
+        step, loss, terms = bad
         last = self.checkpoints.last
         kept = (f"the last good checkpoint, {last}, is kept" if last.exists()
                 else "no checkpoint had been written yet")
-        raise UserError(f"the loss became {loss.item()} at step {self.state.step + 1} (epoch "
-                        f"{self.state.epoch + 1}; terms: {values}), so training stopped; {kept}. Lower "
-                        "optim.lr, set trainer.grad_clip, or use trainer.precision=32 or bf16.")
+        named = ", ".join(f"{n}={v:.4g}" for n, v in terms.items())
+        raise UserError(f"the loss became {loss} at step {step} (terms: {named}), so training stopped; "
+                        f"{kept}. Lower optim.lr, set trainer.grad_clip, or use trainer.precision=32 or bf16.")
 
     def validate_and_save(self) -> None:
         tr = self.cfg.trainer
@@ -467,6 +441,23 @@ class Run:
                  self.total_steps, self.updates_per_epoch, cfg.trainer.epochs,
                  f", capped by trainer.max_steps={cfg.trainer.max_steps}" if cfg.trainer.max_steps else "")
 
+    def _early_estimate(self, throughput: Throughput) -> None:
+        """A slow run's rate and time left after its first 20 s, before its first log line."""
+        speed = throughput.so_far(self.state.step)
+        if speed["seconds"] >= 20:
+            log.info("first %d steps: %.1f img/s | eta %s", speed["steps"], speed["samples_per_s"],
+                     format_duration(speed["eta_s"]))
+            self._tell_eta(speed["eta_s"])
+
+    def _tell_eta(self, eta_s: float) -> None:
+        """Say once, early, when the run will take hours, and what shortens it."""
+        self._told_eta = True
+        if eta_s >= 3600:
+            log.warning("at this rate the run needs %s more on %s. trainer.max_steps=N stops after N steps "
+                        "(lower trainer.epochs too for a complete short schedule), data.train_size=N trains "
+                        "on a subset, and a GPU (trainer=gpu) is far faster.", format_duration(eta_s),
+                        self.rt.device)
+
     def _log_train(self, means: Dict[str, float], speed: Dict[str, float]) -> None:
         st, tr = self.state, self.cfg.trainer
         lr = self.optimizer.param_groups[0]["lr"]
@@ -475,6 +466,8 @@ class Run:
         log.info("epoch %d/%d step %d/%d | loss %.4f (%s) | lr %.3g | %.0f img/s | eta %s",
                  st.epoch + 1, tr.epochs, st.step, self.total_steps, means["loss"], terms, lr,
                  speed["samples_per_s"], format_duration(speed["eta_s"]))
+        if not self._told_eta:
+            self._tell_eta(speed["eta_s"])
         self.logbook.write("train", st.step, epoch, {**means, "lr": lr, "samples_per_s": speed["samples_per_s"]})
 
     def finish(self, throughput: Throughput) -> Dict[str, Any]:

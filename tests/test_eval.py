@@ -30,3 +30,23 @@ def test_eval_reproduces_the_run_on_its_checkpoint_and_on_the_exported_weights(t
     timm_file = evaluation(tmp_path, f"ckpt={weights}", "model=vit_fmnist_student", "data=fashion_mnist",
                            "data.val_size=128")
     assert timm_file["top1"] == ours["top1"] and abs(timm_file["loss"] - ours["loss"]) < 1e-5  # batch sizes differ
+
+
+def test_the_shipped_teacher_is_strong_and_timm_loadable(tmp_path):
+    """The embedded default's teacher as shipped: eval.py on Fashion-MNIST's 10k test images gives
+    the top-1 its model card (summary.json) records, at least 88%; plain timm loads it, with the
+    data settings it was trained with."""
+    import timm
+    import torch
+
+    from shd_vision.config import PROJECT_ROOT
+
+    shipped = PROJECT_ROOT / "shd_vision/assets/vit_fmnist_teacher"
+    card = json.loads((shipped / "summary.json").read_text())
+    report = evaluation(tmp_path, f"ckpt={shipped}", "data=fashion_mnist")
+    assert report["samples"] == 10_000 and report["top1"] >= 88.0
+    assert abs(report["top1"] - card["top1"]) < 0.015  # the card's number, to rounding
+    model = timm.create_model(f"local-dir:{shipped}", pretrained=True).eval()
+    assert tuple(model.pretrained_cfg["input_size"]) == (1, 28, 28) and tuple(model.pretrained_cfg["mean"]) == (0.286,)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert sum(f.stat().st_size for f in shipped.iterdir()) < 4_000_000

@@ -19,7 +19,7 @@ from timm.models import get_model_input_config
 from torch import nn
 
 from shd_vision.errors import UserError
-from shd_vision.models.weights import FORMAT_KEY, read_file, state_dict_of
+from shd_vision.models.weights import FORMAT_KEY, exported_config, read_file, state_dict_of
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def create_teacher(spec: DictConfig, num_classes: int, allow_random: bool
         if checkpoint:
             loaded = load_weights(model, checkpoint, "teacher", use_ema=bool(spec.get("use_ema")))
     except UserError as e:
-        missing = checkpoint and not Path(checkpoint).is_file()
+        missing = checkpoint and not Path(checkpoint).exists()
         if not (allow_random and (missing or pretrained)):
             raise
         log.warning("!" * 88)
@@ -168,6 +168,10 @@ def _teacher_norm(spec: Mapping, model: nn.Module, loaded: Dict[str, Any]
         return tuple(spec["mean"]), tuple(spec["std"])
     if FORMAT_KEY in loaded:
         data = loaded["data_config"]
+        return tuple(data["mean"]), tuple(data["std"])
+    exported = exported_config(spec["checkpoint"]) if loaded and spec.get("checkpoint") else None
+    if exported is not None and "mean" in exported.get("pretrained_cfg", {}):
+        data = exported["pretrained_cfg"]
         return tuple(data["mean"]), tuple(data["std"])
     cfg = resolve_input_data_config(model)  # timm's config, fitted to the model's channels
     return tuple(cfg["mean"]), tuple(cfg["std"])

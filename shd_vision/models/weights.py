@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from safetensors.torch import load_file as load_safetensors
@@ -13,10 +14,13 @@ from shd_vision.errors import UserError
 
 # Our checkpoints mark themselves with this key (see engine/checkpoint.py).
 FORMAT_KEY = "shd_vision_format"
+# timm's save_for_hf layout: the weights beside a config.json with the data settings.
+EXPORTED_WEIGHTS = "model.safetensors"
 
 
 def read_file(path: str | Path, what: str) -> Dict[str, Any]:
-    """Load a ``.pt``/``.pth`` (``weights_only=True``) or ``.safetensors`` file on the CPU.
+    """Load a ``.pt``/``.pth`` (``weights_only=True``) or ``.safetensors`` file on the CPU; a folder
+    in timm's ``save_for_hf`` layout (a run's ``export/``) stands for its ``model.safetensors``.
 
     Args:
         path: the file.
@@ -26,6 +30,8 @@ def read_file(path: str | Path, what: str) -> Dict[str, Any]:
         UserError: the file is missing, unreadable, or not a weights file.
     """
     path = Path(path)
+    if path.is_dir() and (path / EXPORTED_WEIGHTS).is_file():
+        path = path / EXPORTED_WEIGHTS
     if not path.is_file():
         raise UserError(f"{what}={path} does not exist; give the path of a checkpoint file "
                         "(.pt or .pth from shd-vision or timm, or .safetensors).")
@@ -60,3 +66,17 @@ def state_dict_of(obj: Dict[str, Any], use_ema: bool, what: str) -> Dict[str, to
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def exported_config(path: str | Path) -> Optional[Dict[str, Any]]:
+    """The ``config.json`` of timm's ``save_for_hf`` layout that ``path`` (the folder, or its
+    ``model.safetensors``) belongs to, or None: it records the data settings of the weights."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent if path.name == EXPORTED_WEIGHTS else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder / 'config.json'} could not be read as timm's exported config "
+                        f"({_first_line(e)}); export the weights again or delete it.") from None

@@ -220,6 +220,9 @@ class QuickstartPlan:
     students: List[str] = MISSING  # train.py overrides shared by the student runs
     methods: List[str] = MISSING  # one student per kd config
     method_overrides: Dict[str, List[str]] = field(default_factory=dict)  # extra overrides per method
+    seeds: List[int] = field(default_factory=lambda: [0])  # every method runs once per seed
+    retrain_teacher: bool = False  # train the teacher (plan.teacher) instead of using the shipped one
+    reference: Optional[str] = None  # a comparison.json of several seeds: the noise column
 
 
 @dataclass

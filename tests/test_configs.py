@@ -30,7 +30,7 @@ def image_root(tmp_path_factory):
 def test_option_composes_checks_and_builds(group, option, image_root, tmp_path):
     cfg = compose_train([f"{group}={option}", "debug=fast", f"paths.log_dir={tmp_path}",
                          *([f"data.root={image_root}", "data.num_classes=null"] if option in ("imagefolder", "imagenet")
-                           else [])])
+                           or option.startswith("imagenet_") else [])])
     check_config(cfg)
     if group in ("model", "teacher"):
         spec = cfg[group]

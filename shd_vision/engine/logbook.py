@@ -57,6 +57,11 @@ def format_duration(seconds: float) -> str:
     return f"{d}d {h}:{m:02d}:{s:02d}" if d else f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def format_rate(per_s: float) -> str:
+    """Images per second: whole numbers, with two significant digits below 10 (a CPU's DeiT)."""
+    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2g}"
+
+
 class Throughput:
     """Training samples per second and time left; the clock runs only between ``start`` and
     ``stop``, so validation and checkpoint writes do not count."""

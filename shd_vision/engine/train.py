@@ -35,7 +35,8 @@ from shd_vision.engine import runtime
 from shd_vision.engine.guards import LossWatch, Stop, StopSignals
 from shd_vision.engine.checkpoint import (FORMAT_VERSION, Checkpoints, export_student, load,
                                           rng_state, set_rng_state)
-from shd_vision.engine.logbook import Logbook, Throughput, WandbSink, format_duration, read_jsonl, run_logging
+from shd_vision.engine.logbook import (Logbook, Throughput, WandbSink, format_duration, format_rate, read_jsonl,
+                                      run_logging)
 from shd_vision.engine.metrics import evaluate
 from shd_vision.errors import UserError
 from shd_vision.models.factory import create_student, create_teacher, describe
@@ -445,7 +446,7 @@ class Run:
         """A slow run's rate and time left after its first 20 s, before its first log line."""
         speed = throughput.so_far(self.state.step)
         if speed["seconds"] >= 20:
-            log.info("first %d steps: %.1f img/s | eta %s", speed["steps"], speed["samples_per_s"],
+            log.info("first %d steps: %s img/s | eta %s", speed["steps"], format_rate(speed["samples_per_s"]),
                      format_duration(speed["eta_s"]))
             self._tell_eta(speed["eta_s"])
 
@@ -463,9 +464,9 @@ class Run:
         lr = self.optimizer.param_groups[0]["lr"]
         epoch = st.epoch + st.epoch_batches / (self.updates_per_epoch * tr.accumulate)
         terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in means.items() if k.startswith("loss/"))
-        log.info("epoch %d/%d step %d/%d | loss %.4f (%s) | lr %.3g | %.0f img/s | eta %s",
+        log.info("epoch %d/%d step %d/%d | loss %.4f (%s) | lr %.3g | %s img/s | eta %s",
                  st.epoch + 1, tr.epochs, st.step, self.total_steps, means["loss"], terms, lr,
-                 speed["samples_per_s"], format_duration(speed["eta_s"]))
+                 format_rate(speed["samples_per_s"]), format_duration(speed["eta_s"]))
         if not self._told_eta:
             self._tell_eta(speed["eta_s"])
         self.logbook.write("train", st.step, epoch, {**means, "lr": lr, "samples_per_s": speed["samples_per_s"]})
@@ -532,7 +533,7 @@ def format_summary(s: Dict[str, Any]) -> str:
         f"  top-1      {s['top1']:.2f}% (best {s['best_top1']:.2f}% after epoch {s['best_epoch']}{ema})",
         f"  top-5      {s['top5']:.2f}%    val loss {s['val_loss']:.4f}",
         f"  time       {format_duration(s['wall_time_s'])} for {s['steps']} steps, "
-        f"{rate:.0f} training images/s" if math.isfinite(rate) else
+        f"{format_rate(rate)} training images/s" if math.isfinite(rate) else
         f"  time       {format_duration(s['wall_time_s'])} for {s['steps']} steps",
         f"  run dir    {s['run_dir']}",
         "             checkpoints/{last,best}.pt, metrics.jsonl, summary.json, curves.png, confusion.png"

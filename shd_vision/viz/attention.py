@@ -233,7 +233,8 @@ def render(cfg: DictConfig, out_dir: Path, device: torch.device) -> List[Path]:
     teacher = Teacher(teacher_model, norm, data_config, Capture(attention=frozenset(t for _, t in pairs)))
     student.to(device).eval()
     teacher.to(device)
-    data = OmegaConf.merge(trained.data, {"val_size": None, "eval_batch_size": cfg.batch, "num_workers": 0})
+    whole = {} if trained.data.name == "synthetic" else {"val_size": None}  # synthetic sets are sized by it
+    data = OmegaConf.merge(trained.data, {**whole, "eval_batch_size": cfg.batch, "num_workers": 0})
     images, _ = next(iter(build_val_loader(data, open_split(data, data.val_split), data_config)))
     images = images.to(device)
     layers = collect(student, teacher, images, pairs, settings["temperature"], settings["merge"])

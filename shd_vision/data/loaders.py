@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
+import signal
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -212,7 +213,16 @@ def build_val_loader(cfg: DictConfig, val: Dataset, data_cfg: Dict[str, Any],
     val = _subset(val, cfg.val_size)
     return DataLoader(val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                       sampler=ShardSampler(len(val), rank, world), num_workers=cfg.num_workers,
-                      pin_memory=cfg.pin_memory, generator=_own_generator())
+                      pin_memory=cfg.pin_memory, generator=_own_generator(),
+                      worker_init_fn=_leave_stopping_to_the_main_process)
+
+
+def _leave_stopping_to_the_main_process(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGUSR1: SLURM and ``pkill`` signal every process of a job,
+    and a worker that died of it would crash the main process before it can save its state (the
+    workers still exit with it)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _own_generator() -> torch.Generator:
@@ -238,7 +248,7 @@ def build_data(cfg: DictConfig, splits: Tuple[Dataset, Dataset, Sequence[str]], 
                         f"the training set ({len(sampler)} images); lower it or use more data.")
     train_loader = DataLoader(SeededItems(train), batch_size=cfg.batch_size, sampler=sampler,
                               num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, drop_last=True,
-                              generator=_own_generator())
+                              generator=_own_generator(), worker_init_fn=_leave_stopping_to_the_main_process)
     val_loader = build_val_loader(cfg, val, data_cfg, rank, world)
     return Data(train_loader, val_loader, sampler, BatchTargets(cfg, len(classes)), list(classes), data_cfg)
 

@@ -11,6 +11,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 
 import shd_vision.config  # noqa: F401  (registers the schemas and resolvers Hydra composes with)
+from shd_vision.data.datasets import UnreadableImage, unreadable_message
 from shd_vision.errors import UserError
 
 _task_started = False
@@ -19,7 +20,7 @@ _task_started = False
 def fail(message: str) -> NoReturn:
     """Print ``message`` as one wrapped paragraph and exit with status 2."""
     text = " ".join(message.split())
-    sys.stderr.write(textwrap.fill(f"error: {text}", width=100) + "\n")
+    sys.stderr.write(textwrap.fill(f"error: {text}", width=100, break_on_hyphens=False, break_long_words=False) + "\n")
     sys.exit(2)
 
 
@@ -29,6 +30,9 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     _task_started = True
     try:
         return task(cfg)
+    except UnreadableImage as e:  # outside training (eval.py); a worker's copy carries its traceback
+        fail(f"{unreadable_message(e)}. Replace or delete it, or set data.skip_bad_images=true; "
+             "python -m shd_vision.data.check lists every unreadable file of a data set.")
     except UserError as e:
         fail(str(e))
 

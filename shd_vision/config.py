@@ -96,6 +96,7 @@ class DataConfig:
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
     repeated_aug: int = at_least(0)
+    skip_bad_images: bool = False  # replace an unreadable image by the next readable one instead of stopping
     aug: AugConfig = field(default_factory=AugConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
 

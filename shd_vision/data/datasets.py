@@ -82,8 +82,30 @@ def digits(split: str) -> ArrayDataset:
     return ArrayDataset(images[keep], bunch.target[keep], [str(c) for c in range(10)])
 
 
+# Starts the message of UnreadableImage; a loader worker's copy is found again by it.
+UNREADABLE = "unreadable image file "
+
+
+class UnreadableImage(UserError):
+    """An image file PIL cannot decode. One message argument, so that a loader worker can re-raise
+    it in the main process (with its traceback folded into the message: see :func:`unreadable_message`)."""
+
+
+def unreadable_message(e: BaseException) -> str:
+    """``unreadable image file <path> (<reason>)``, also out of a worker's re-raised copy."""
+    lines = [line for line in str(e).splitlines() if UNREADABLE in line]
+    return lines[-1][lines[-1].index(UNREADABLE):] if lines else str(e)
+
+
 class _ImageFolderSplit(ImageFolder):
     channels = 3  # the default loader converts every image to RGB
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's decode errors
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise UnreadableImage(f"{UNREADABLE}{self.samples[index][0]} ({type(e).__name__}: {reason})") from None
 
 
 def image_folder(root: str, split: str) -> ImageFolder:

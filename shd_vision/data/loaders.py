@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import random
-import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -27,6 +28,8 @@ from torchvision import transforms as T
 
 from shd_vision.data import datasets
 from shd_vision.errors import UserError
+
+log = logging.getLogger("shd_vision.data")
 
 
 def open_split(cfg: DictConfig, split: str) -> Dataset:
@@ -98,6 +101,45 @@ def _subset(ds: Dataset, size: Optional[int]) -> Dataset:
         return ds
     keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:size]
     return Subset(ds, sorted(keep.tolist()))
+
+
+class SkipBadImages(Dataset):
+    """``data.skip_bad_images=true``: item ``i`` whose file is unreadable becomes the next readable
+    item (``i+1``, ``i+2``, ... wrapping around), the same one in every run, so that a resumed run
+    stays bit-identical. Each bad file is logged once per process and appended to ``record``."""
+
+    def __init__(self, dataset: Dataset, record: Optional[Path]):
+        self.dataset, self.record, self.seen = dataset, record, set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        for k in range(len(self.dataset)):
+            try:
+                return self.dataset[(index + k) % len(self.dataset)]
+            except datasets.UnreadableImage as e:
+                self._note(datasets.unreadable_message(e))
+        raise UserError("no image of the data set could be read (data.skip_bad_images=true replaced "
+                        "every one); check data.root.")
+
+    def _note(self, message: str) -> None:
+        if message in self.seen:
+            return
+        self.seen.add(message)
+        log.warning("skipped an %s; the next readable image stands in for it (data.skip_bad_images=true)", message)
+        if self.record is not None:
+            with open(self.record, "a") as f:
+                f.write(message + "\n")
+
+
+def bad_images(record: Path) -> List[str]:
+    """The distinct unreadable files a run skipped, from every process's notes in ``record``."""
+    return sorted(set(record.read_text().splitlines())) if record.is_file() else []
+
+
+def _guard(ds: Dataset, cfg: DictConfig, record: Optional[Path]) -> Dataset:
+    return SkipBadImages(ds, record) if cfg.get("skip_bad_images") else ds
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -208,21 +250,12 @@ def _prepare(ds: Dataset, cfg: DictConfig, data_cfg: Dict[str, Any], training: b
 
 
 def build_val_loader(cfg: DictConfig, val: Dataset, data_cfg: Dict[str, Any],
-                     rank: int = 0, world: int = 1) -> DataLoader:
+                     rank: int = 0, world: int = 1, bad_record: Optional[Path] = None) -> DataLoader:
     _prepare(val, cfg, data_cfg, training=False)
-    val = _subset(val, cfg.val_size)
+    val = _guard(_subset(val, cfg.val_size), cfg, bad_record)
     return DataLoader(val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                       sampler=ShardSampler(len(val), rank, world), num_workers=cfg.num_workers,
-                      pin_memory=cfg.pin_memory, generator=_own_generator(),
-                      worker_init_fn=_leave_stopping_to_the_main_process)
-
-
-def _leave_stopping_to_the_main_process(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM and SIGUSR1: SLURM and ``pkill`` signal every process of a job,
-    and a worker that died of it would crash the main process before it can save its state (the
-    workers still exit with it)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+                      pin_memory=cfg.pin_memory, generator=_own_generator())
 
 
 def _own_generator() -> torch.Generator:
@@ -232,11 +265,12 @@ def _own_generator() -> torch.Generator:
 
 
 def build_data(cfg: DictConfig, splits: Tuple[Dataset, Dataset, Sequence[str]], data_cfg: Dict[str, Any],
-               seed: int, rank: int = 0, world: int = 1) -> Data:
-    """Loaders for one process of a ``world``-process run (``data.batch_size`` is per process)."""
+               seed: int, rank: int = 0, world: int = 1, bad_record: Optional[Path] = None) -> Data:
+    """Loaders for one process of a ``world``-process run (``data.batch_size`` is per process);
+    ``bad_record`` collects the unreadable files ``data.skip_bad_images=true`` skips."""
     train, val, classes = splits
     _prepare(train, cfg, data_cfg, training=True)
-    train = _subset(train, cfg.train_size)
+    train = _guard(_subset(train, cfg.train_size), cfg, bad_record)
     if cfg.repeated_aug > 1:
         base = RepeatAugSampler(train, num_replicas=world, rank=rank, num_repeats=cfg.repeated_aug)
     else:
@@ -248,8 +282,8 @@ def build_data(cfg: DictConfig, splits: Tuple[Dataset, Dataset, Sequence[str]], 
                         f"the training set ({len(sampler)} images); lower it or use more data.")
     train_loader = DataLoader(SeededItems(train), batch_size=cfg.batch_size, sampler=sampler,
                               num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, drop_last=True,
-                              generator=_own_generator(), worker_init_fn=_leave_stopping_to_the_main_process)
-    val_loader = build_val_loader(cfg, val, data_cfg, rank, world)
+                              generator=_own_generator())
+    val_loader = build_val_loader(cfg, val, data_cfg, rank, world, bad_record)
     return Data(train_loader, val_loader, sampler, BatchTargets(cfg, len(classes)), list(classes), data_cfg)
 
 

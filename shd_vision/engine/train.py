@@ -28,7 +28,8 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from shd_vision.config import check_config
-from shd_vision.data.loaders import batches, build_data, open_splits, resolve_input
+from shd_vision.data.datasets import UnreadableImage, unreadable_message
+from shd_vision.data.loaders import bad_images, batches, build_data, open_splits, resolve_input
 from shd_vision.distill import Batch, Distiller
 from shd_vision.distill.base import active_terms, uses_teacher
 from shd_vision.engine import runtime
@@ -138,7 +139,8 @@ class Run:
         self.teacher = None if teacher_model is None else Teacher(
             teacher_model, norm, self.data_config, needs.teacher_capture, needs.teacher_token_grad)
 
-        self.data = build_data(cfg.data, splits, self.data_config, cfg.seed, rt.rank, rt.world)
+        self.data = build_data(cfg.data, splits, self.data_config, cfg.seed, rt.rank, rt.world,
+                               bad_record=run_dir / "bad_images.txt")
         self.distiller.to(rt.device)
         if self.teacher is not None:
             self.teacher.to(rt.device)
@@ -268,11 +270,27 @@ class Run:
 
     # ---------------------------------------------------------------- training
     def fit(self) -> Dict[str, Any]:
-        cfg, tr = self.cfg, self.cfg.trainer
-        runtime.seed_everything(cfg.seed + self.rt.rank)  # per-rank streams for dropout, mixup
+        runtime.seed_everything(self.cfg.seed + self.rt.rank)  # per-rank streams for dropout, mixup
         self.restore()
         self._write_config()
         self._log_start()
+        try:
+            return self._fit()
+        except UnreadableImage as e:
+            raise UserError(self._unreadable(e)) from None
+
+    def _unreadable(self, e: UnreadableImage) -> str:
+        """A bad file, named, with the way on; nothing was saved after the last good step."""
+        last = self.checkpoints.last
+        kept = (f"the last checkpoint, {last}, is kept" if last.exists() else "no checkpoint had been written yet")
+        return (f"{unreadable_message(e)}, so training stopped at step {self.state.step} of {self.total_steps}; "
+                f"{kept}. Replace or delete the file (python -m shd_vision.data.check with this run's data "
+                "settings lists every unreadable one) and run the same command plus trainer.resume=auto, or add "
+                "data.skip_bad_images=true to stand the next readable image in for each bad one (each is logged "
+                "once and counted in summary.json).")
+
+    def _fit(self) -> Dict[str, Any]:
+        tr = self.cfg.trainer
         if self.teacher is not None and tr.eval_teacher:
             self.teacher_top1 = evaluate(self.teacher.predict, self.data.val, len(self.classes), self.rt,
                                          tr.precision, tr.channels_last)["top1"]
@@ -509,6 +527,7 @@ class Run:
             "best_checkpoint": str(self.checkpoints.best),
             "export": export,
             "pictures": [str(p) for p in pictures],
+            "bad_images": bad_images(self.run_dir / "bad_images.txt"),
         }
         if rt.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -539,5 +558,6 @@ def format_summary(s: Dict[str, Any]) -> str:
         "             checkpoints/{last,best}.pt, metrics.jsonl, summary.json, curves.png, confusion.png"
         + (", attention/" if any("/attention/" in p for p in s["pictures"]) else "")
         + (", export/" if s["export"] else ""),
-    ]
+    ] + ([f"  skipped    {len(s['bad_images'])} unreadable image(s), listed in bad_images.txt"]
+         if s.get("bad_images") else [])
     return "\n".join(lines)

@@ -42,7 +42,7 @@ def bad_input_cases(tmp, teacher_ckpt):
                        "pair [0, 9] is out of range: the student has blocks 0..3 and the teacher 0..5"),
         "layer mapping": (["kd=fitnet", "kd.terms.fitnet.layers=first"], "layers=first is not a layer mapping"),
         "merge": (["kd=shd", "kd.terms.shd.merge=median"], "merge=median is not a valid choice"),
-        "shd on a cnn": (["kd=shd", "teacher.name=resnet10t", *[f"~teacher.{k}" for k in
+        "shd on a cnn": (["kd=shd", "teacher.name=resnet10t", f"teacher.checkpoint={tmp}/none.pt", *[f"~teacher.{k}" for k in
                           ("patch_size", "embed_dim", "depth", "num_heads", "img_size")]],
                          "(ResNet) has no ViT-style global attention blocks"),
         "deit without token": (["kd=deit"], "has none. Use a distilled DeiT: model=deit_tiny_distilled"),

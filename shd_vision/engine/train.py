@@ -139,8 +139,8 @@ class Run:
         self.teacher = None if teacher_model is None else Teacher(
             teacher_model, norm, self.data_config, needs.teacher_capture, needs.teacher_token_grad)
 
-        self.data = build_data(cfg.data, splits, self.data_config, cfg.seed, rt.rank, rt.world,
-                               bad_record=run_dir / "bad_images.txt")
+        self.bad_record = run_dir / "bad_images.txt"  # what data.skip_bad_images=true skipped
+        self.data = build_data(cfg.data, splits, self.data_config, cfg.seed, rt.rank, rt.world, self.bad_record)
         self.distiller.to(rt.device)
         if self.teacher is not None:
             self.teacher.to(rt.device)
@@ -527,7 +527,7 @@ class Run:
             "best_checkpoint": str(self.checkpoints.best),
             "export": export,
             "pictures": [str(p) for p in pictures],
-            "bad_images": bad_images(self.run_dir / "bad_images.txt"),
+            "bad_images": bad_images(self.bad_record),
         }
         if rt.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

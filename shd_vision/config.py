@@ -88,6 +88,7 @@ class DataConfig:
     val_split: str = MISSING
     train_size: Optional[int] = greater_than(0, None)
     val_size: Optional[int] = greater_than(0, None)
+    holdout: Optional[int] = greater_than(0, None)  # validate on this many held-out training images
     batch_size: int = greater_than(0)
     eval_batch_size: Optional[int] = greater_than(0, None)
     num_workers: int = at_least(0)
@@ -250,6 +251,7 @@ class ReportConfig(TaskConfig):
     dir: str = MISSING
     out: Optional[str] = None
     by: Optional[List[str]] = None
+    paired: List[str] = field(default_factory=list)  # rows to compare every other row with, seed by seed
 
 
 def register_schemas() -> None:

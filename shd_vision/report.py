@@ -3,9 +3,12 @@
 Reads every run under ``DIR`` (a ``train.py -m`` multirun directory, a quickstart directory, or
 any folder of run directories), finds the config values that differ between runs, and groups the
 runs by them (or by the keys in ``by``), seeds aside: each row is one setting with its validation
-top-1 as mean ± std over seeds, and the median of its runs' training throughput and time. Writes
-``results.md``, ``results.csv`` (one line per run too) and ``curves.png`` (validation top-1 per
-epoch, mean over seeds, a band of ± one std).
+top-1 as mean ± std over seeds, how much it still gained over the last quarter of training (is it
+converged?), and the median of its runs' training throughput and time. ``paired=[...]`` adds
+every row's difference to the named rows, seed by seed (same seed: same initialisation and data
+order), with a 95% confidence interval. Writes ``results.md``, ``results.csv`` (one line per run
+too), ``curves.png`` (validation top-1 per epoch, mean over seeds, a band of ± one std) and
+``best_overrides.txt`` (the best row as command-line overrides, for a sweep's next stage).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +84,39 @@ def _mean_std(values: List[float]) -> Tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def last_quarter_gain(run: Run) -> Optional[float]:
+    """Validation top-1 at the end minus at 75% of training (points); None without 4 evaluations."""
+    val = [(r["epoch"], r["top1"]) for r in run.records if r.get("split") == "val"]
+    if len(val) < 4:
+        return None
+    end = val[-1][0]
+    before = [top1 for epoch, top1 in val if epoch <= 0.75 * end + 1e-9]
+    return val[-1][1] - before[-1] if before else None
+
+
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (normal beyond)
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+       2.045, 2.042]
+
+
+def paired_difference(runs: List[Run], reference: List[Run], seed_key: str = "seed") -> Optional[Dict[str, Any]]:
+    """Mean top-1 difference over the seeds both rows ran, with a t-based 95% confidence interval."""
+    ref = {r.config.get(seed_key): r.summary["top1"] for r in reference}
+    diffs = [r.summary["top1"] - ref[r.config.get(seed_key)] for r in runs if r.config.get(seed_key) in ref]
+    if not diffs:
+        return None
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"diff": mean, "ci": None, "pairs": 1}
+    half = (T95[len(diffs) - 2] if len(diffs) <= 31 else 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"diff": mean, "ci": (mean - half, mean + half), "pairs": len(diffs)}
+
+
+def row_label(keys: List[str], row: Dict[str, Any]) -> str:
+    return ", ".join(str(row[k]) if len(keys) == 1 else f"{k.split('.')[-1]}={row[k]}" for k in keys) or "runs"
+
+
 def summarise(runs: List[Run], by: Optional[List[str]] = None,
               seed_key: str = "seed") -> Tuple[List[str], List[Dict[str, Any]]]:
     """Rows of the results table, best mean top-1 first, and the keys that tell them apart
@@ -98,21 +135,57 @@ def summarise(runs: List[Run], by: Optional[List[str]] = None,
         # medians: one run slowed by a busy machine should not move a setting's cost
         rate = statistics.median(r.summary["train_samples_per_s"] for r in members)
         seconds = statistics.median(r.summary["wall_time_s"] for r in members)
+        gains = [g for g in map(last_quarter_gain, members) if g is not None]
         rows.append({**dict(zip(keys, values)), "top1": top1, "top1_std": top1_std, "seeds": len(members),
+                     "gain": statistics.fmean(gains) if gains else None,
                      "samples_per_s": rate, "wall_time_s": seconds, "runs": members})
     rows.sort(key=lambda r: -r["top1"])
     return keys, rows
 
 
-def markdown(keys: List[str], rows: List[Dict[str, Any]]) -> str:
-    head = keys + ["top-1 (%)", "seeds", "train images/s", "time"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(keys) + "---:|---:|---:|---:|"]
+def add_paired(keys: List[str], rows: List[Dict[str, Any]], references: List[str]) -> None:
+    """``row["vs"][ref]``: each row's paired difference to each reference row."""
+    labels = {row_label(keys, r): r for r in rows}
+    for ref in references:
+        if ref not in labels:
+            raise UserError(f"paired={ref} is not a row of this table; its rows are: {', '.join(labels)}.")
+    for r in rows:
+        r["vs"] = {ref: paired_difference(r["runs"], labels[ref]["runs"]) for ref in references}
+
+
+def _diff(d: Optional[Dict[str, Any]]) -> str:
+    if d is None:
+        return "–"
+    ci = f" [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]" if d["ci"] else ""
+    return f"{d['diff']:+.2f}{ci}"
+
+
+def markdown(keys: List[str], rows: List[Dict[str, Any]], references: List[str] = ()) -> str:
+    head = keys + ["top-1 (%)", "seeds", "last-quarter gain"] + [f"vs {ref} (95% CI)" for ref in references]
+    head += ["train images/s", "time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(keys) + "---:|" * (len(head) - len(keys))]
     for r in rows:
         cells = [str(r[k]) for k in keys]
-        cells += [f"{r['top1']:.2f} ± {r['top1_std']:.2f}", str(r["seeds"]), f"{r['samples_per_s']:.0f}",
-                  format_duration(r["wall_time_s"])]
+        cells += [f"{r['top1']:.2f} ± {r['top1_std']:.2f}", str(r["seeds"]),
+                  "–" if r["gain"] is None else f"{r['gain']:+.2f}"]
+        cells += ["" if row_label(keys, r) == ref else _diff(r["vs"][ref]) for ref in references]
+        cells += [f"{r['samples_per_s']:.0f}", format_duration(r["wall_time_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def validated_on(runs: List[Run]) -> str:
+    """Which images the table's top-1 is measured on."""
+    holdouts = {r.config.get("data.holdout") for r in runs}
+    if holdouts == {None}:
+        splits = sorted({str(r.config.get("data.val_split")) for r in runs})
+        return f"validation top-1 on the {'/'.join(splits)} split"
+    return f"validation top-1 on {'/'.join(str(h) for h in sorted(holdouts, key=str))} held-out training images (data.holdout)"
+
+
+def best_overrides(keys: List[str], row: Dict[str, Any]) -> str:
+    """The row as Hydra overrides, ``key=value ...``."""
+    return " ".join(f"{k}={row[k]}" for k in keys)
 
 
 def write_csv(keys: List[str], rows: List[Dict[str, Any]], path: Path) -> None:
@@ -140,8 +213,7 @@ def curves(keys: List[str], rows: List[Dict[str, Any]], path: Path, title: str) 
                     per_epoch.setdefault(rec["epoch"], []).append(rec["top1"])
         epochs = sorted(per_epoch)
         stats = [_mean_std(per_epoch[e]) for e in epochs]
-        label = ", ".join(f"{k.split('.')[-1] if len(keys) > 1 else k}={r[k]}" for k in keys) or "runs"
-        line, = ax.plot(epochs, [m for m, _ in stats], marker="o", ms=3, label=label)
+        line, = ax.plot(epochs, [m for m, _ in stats], marker="o", ms=3, label=row_label(keys, r))
         ax.fill_between(epochs, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(), alpha=0.15)
     ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title=title)
     ax.grid(alpha=0.3)
@@ -161,15 +233,24 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
     if not runs:
         raise UserError(f"dir={root} holds no finished run (a folder with summary.json and config.yaml).")
     keys, rows = summarise(runs, list(cfg.by) if cfg.by else None)
+    references = list(cfg.paired)
+    add_paired(keys, rows, references)
     out = Path(cfg.out) if cfg.out else root
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(keys, rows)
-    (out / "results.md").write_text(table + "\n")
+    table = markdown(keys, rows, references)
+    notes = [f"{validated_on(runs)}; mean ± std over seeds; last-quarter gain: top-1 at the end minus at 75% "
+             "of training (mean over seeds)"]
+    if references:
+        notes.append("vs: this row's top-1 minus the reference row's, paired by seed, mean and t-based 95% "
+                     "confidence interval")
+    (out / "results.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    (out / "best_overrides.txt").write_text(best_overrides(keys, rows[0]) + "\n")
     write_csv(keys, rows, out / "results.csv")
     picture = curves(keys, rows, out / "curves.png", f"{root.name}: {len(runs)} runs")
     log.info("%d runs in %s, %d settings (mean ± std over seeds):\n%s\n\nfiles: %s, %s, %s", len(runs), root,
              len(rows), table, out / "results.md", out / "results.csv", picture)
-    return {"keys": keys, "rows": [{k: v for k, v in r.items() if k != "runs"} for r in rows], "table": table}
+    return {"keys": keys, "rows": [{k: v for k, v in r.items() if k != "runs"} for r in rows], "table": table,
+            "best": best_overrides(keys, rows[0])}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")

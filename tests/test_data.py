@@ -144,3 +144,26 @@ def test_digits_split_is_fixed_and_disjoint():
     train, test = datasets.digits("train"), datasets.digits("test")
     assert len(train) + len(test) == 1797 and len(test) == 360
     assert train.images.max() == 255 and datasets.digits("test").labels.tolist() == test.labels.tolist()
+
+
+def test_holdout_validates_on_training_images_never_trained_on():
+    """data.holdout carves the validation set from the training split: disjoint from the training
+    subset, which stays exactly the one a run without a holdout trains on."""
+    cfg = OmegaConf.merge(OmegaConf.load("conf/data/digits.yaml"), {"train_size": 1000, "holdout": 300})
+    train, val, classes = open_splits(cfg)
+    plain_train, plain_val, _ = open_splits(OmegaConf.merge(cfg, {"holdout": None}))
+    full = datasets.digits("train")
+    assert len(train) == 1000 and len(val) == 300 and len(classes) == 10
+    assert not set(train.indices) & set(val.indices) and val.dataset is not train.dataset
+    resolved = {"input_size": (1, 28, 28), "mean": (0.3,), "std": (0.4,), "interpolation": "bilinear", "crop_pct": 1.0}
+    loaders = build_data(cfg, (train, val, classes), resolved, seed=0)
+    plain = build_data(OmegaConf.merge(cfg, {"holdout": None}), (plain_train, plain_val, classes), resolved, seed=0)
+    assert loaders.train.dataset.dataset.indices == plain.train.dataset.dataset.indices == train.indices
+    assert len(plain_val) == 360  # without a holdout: the test split
+    # the held-out images are training images, with the evaluation transform (no random crops)
+    x, y = val[0]
+    assert y == full.labels[val.indices[0]] and x.shape == (1, 28, 28)
+    torch.testing.assert_close(x, val[0][0])
+    with pytest.raises(UserError, match=r"data.holdout=500 with data.train_size=1000 needs 1500 training images; "
+                                        r"the train split has 1437"):
+        open_splits(OmegaConf.merge(cfg, {"holdout": 500}))

@@ -44,7 +44,8 @@ def test_report_groups_runs_by_swept_values_and_averages_seeds(sweep, tmp_path):
         assert row["top1"] == pytest.approx(mean) and row["seeds"] == 2
         assert row["top1_std"] == pytest.approx((sum((t - mean) ** 2 for t in top1)) ** 0.5)  # n-1 = 1
     table = (tmp_path / "results.md").read_text()
-    assert table.startswith("| kd.name | kd.terms.logit.weight | top-1 (%) | seeds |") and table.count("\n") == 4
+    assert table.startswith("| kd.name | kd.terms.logit.weight | top-1 (%) | seeds | last-quarter gain |")
+    assert table.split("\n\n")[0].count("\n") == 3 and "validation top-1 on the val split" in table
     lines = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert sorted(line["kind"] for line in lines) == ["mean", "mean", "run", "run", "run", "run"]
     assert (tmp_path / "curves.png").stat().st_size > 10_000
@@ -59,6 +60,31 @@ def test_report_rows_by_chosen_keys(sweep):
     assert {r["seed"]: r["seeds"] for r in rows} == {0: 2, 1: 2}
     with pytest.raises(UserError, match="by=kd.nam is not a config key of the runs; give keys such as seed"):
         summarise(runs, by=["kd.nam"])
+
+
+def test_report_pairs_rows_by_seed_with_a_t_interval(sweep, tmp_path):
+    result = run_cli("-m shd_vision.report", f"dir={sweep}", f"out={tmp_path}", "by=[kd.name]", "paired=[none]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = find_runs(sweep)
+    top1 = {(r.config["kd.name"], r.config["seed"]): r.summary["top1"] for r in runs}
+    d = [top1["logit", s] - top1["none", s] for s in (0, 1)]
+    mean, half = (d[0] + d[1]) / 2, 12.706 * abs(d[0] - d[1]) / 2 ** 0.5 / 2 ** 0.5  # t(1 df), sd/√n
+    logit_row = next(line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| logit"))
+    assert f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]" in logit_row
+    assert (tmp_path / "best_overrides.txt").read_text().split("=")[0] == "kd.name"
+    bad = run_cli("-m shd_vision.report", f"dir={sweep}", f"out={tmp_path}", "by=[kd.name]", "paired=[minilm]")
+    assert bad.returncode == 2 and "paired=minilm is not a row of this table; its rows are:" in bad.stderr
+
+
+def test_last_quarter_gain_reads_the_validation_curve():
+    from pathlib import Path
+
+    from shd_vision.report import Run, last_quarter_gain
+
+    records = [{"split": "val", "epoch": e, "top1": t} for e, t in zip(range(1, 9), [10, 20, 30, 40, 50, 60, 70.5, 71])]
+    records.insert(3, {"split": "train", "epoch": 3.5, "loss": 1.0})
+    assert last_quarter_gain(Run(Path("."), {}, {}, records)) == pytest.approx(71 - 60)  # epoch 8 minus epoch 6
+    assert last_quarter_gain(Run(Path("."), {}, {}, records[:3])) is None
 
 
 def test_report_of_a_folder_without_runs_is_a_user_error(tmp_path):

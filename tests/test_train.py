@@ -54,10 +54,10 @@ def test_export_is_loadable_by_timm_alone(make_cfg, tmp_path):
     torch.testing.assert_close(by_folder.eval()(x), by_file.eval()(x))
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_resume_inside_an_epoch_reproduces_the_uninterrupted_run(make_cfg, teacher_ckpt, tmp_path, workers):
-    # dropout, drop path, augmentation and mixup all draw random numbers
-    common = ["kd=logit", f"teacher.checkpoint={teacher_ckpt}", "trainer.epochs=2", f"data.num_workers={workers}",
+@pytest.mark.parametrize("workers,kd", [(0, "logit"), pytest.param(2, "logit", marks=pytest.mark.slow), (0, "manifold")])
+def test_resume_inside_an_epoch_reproduces_the_uninterrupted_run(make_cfg, teacher_ckpt, tmp_path, workers, kd):
+    # dropout, drop path, augmentation, mixup and manifold KD's token sample all draw random numbers
+    common = [f"kd={kd}", f"teacher.checkpoint={teacher_ckpt}", "trainer.epochs=2", f"data.num_workers={workers}",
               "+model.drop_rate=0.1", "+model.drop_path_rate=0.1", "data.mixup.mixup_alpha=0.4",
               "trainer.ema.enabled=true", "trainer.eval_teacher=false"]
     train(make_cfg(*common, "trainer.max_steps=11", run="straight"))

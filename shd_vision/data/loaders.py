@@ -50,8 +50,17 @@ def open_split(cfg: DictConfig, split: str) -> Dataset:
 
 
 def open_splits(cfg: DictConfig) -> Tuple[Dataset, Dataset, List[str]]:
-    """The train and validation sets (without transforms) and the class names."""
-    train, val = open_split(cfg, cfg.train_split), open_split(cfg, cfg.val_split)
+    """The train and validation sets (without transforms) and the class names.
+
+    With ``data.holdout=K`` the validation set is the last ``K`` training images of the fixed
+    permutation that ``data.train_size`` takes its first images from, so hyperparameters can be
+    tuned on images that are neither trained on nor reported, while the training images stay
+    exactly those of a run without a holdout.
+    """
+    train = open_split(cfg, cfg.train_split)
+    if cfg.holdout:
+        return _carve(cfg, train, open_split(cfg, cfg.train_split))
+    val = open_split(cfg, cfg.val_split)
     if train.classes != val.classes:
         raise UserError(f"data.root={cfg.root}: the {cfg.train_split} and {cfg.val_split} splits have "
                         "different classes; both need the same class folders.")
@@ -60,6 +69,19 @@ def open_splits(cfg: DictConfig) -> Tuple[Dataset, Dataset, List[str]]:
         raise UserError(f"data.num_classes={cfg.num_classes} but the data has {len(classes)} classes; "
                         "set data.num_classes=null to take the count from the data.")
     return train, val, classes
+
+
+def _carve(cfg: DictConfig, train: Dataset, copy: Dataset) -> Tuple[Dataset, Dataset, List[str]]:
+    """``data.holdout``: the training subset and the held-out images (from ``copy``, a second
+    instance of the training split, so the two can carry different transforms)."""
+    n, keep = len(train), cfg.train_size or len(train) - cfg.holdout
+    if keep + cfg.holdout > n:
+        raise UserError(f"data.holdout={cfg.holdout} with data.train_size={cfg.train_size} needs "
+                        f"{keep + cfg.holdout} training images; the {cfg.train_split} split has {n}. "
+                        "Lower one of them (train_size + holdout must not exceed the split).")
+    order = _permutation(n)
+    return (Subset(train, sorted(order[:keep].tolist())), Subset(copy, sorted(order[n - cfg.holdout:].tolist())),
+            list(train.classes))
 
 
 def resolve_input(cfg: DictConfig, model: nn.Module) -> Dict[str, Any]:
@@ -94,13 +116,17 @@ def build_transform(cfg: DictConfig, data_cfg: Dict[str, Any], channels_in: int,
     return tf
 
 
+def _permutation(n: int) -> torch.Tensor:
+    """The fixed order subsets are taken in (seed 0, whatever the run's seed, so runs with
+    different seeds compare on the same images)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))
+
+
 def _subset(ds: Dataset, size: Optional[int]) -> Dataset:
-    """The first ``size`` items of a fixed permutation (seed 0, whatever the run's seed, so runs
-    with different seeds compare on the same images)."""
+    """The first ``size`` items of the fixed permutation."""
     if size is None or size >= len(ds):
         return ds
-    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:size]
-    return Subset(ds, sorted(keep.tolist()))
+    return Subset(ds, sorted(_permutation(len(ds))[:size].tolist()))
 
 
 class SkipBadImages(Dataset):
@@ -243,6 +269,8 @@ class Data:
 
 def _prepare(ds: Dataset, cfg: DictConfig, data_cfg: Dict[str, Any], training: bool) -> None:
     """Give a data set the model's input pipeline: a transform, or the synthetic images' size."""
+    if isinstance(ds, Subset):  # data.holdout: the transform belongs to the images underneath
+        ds = ds.dataset
     if isinstance(ds, datasets.SyntheticDataset):
         ds.input_size = tuple(data_cfg["input_size"])
     else:

@@ -122,3 +122,9 @@ def align_tokens(x: Tensor, src: TokenLayout, dst: TokenLayout) -> Tensor:
 def select_tokens(x: Tensor, layout: TokenLayout, other: TokenLayout, dims: Sequence[int]) -> Tensor:
     """The compared tokens of the student's own tensors along ``dims`` (no resampling)."""
     return _keep(x, kept_tokens(layout, other), dims)
+
+
+def patch_tokens(x: Tensor, src: TokenLayout, dst: TokenLayout) -> Tensor:
+    """The patch tokens of ``x`` ``[B, N_src, ...]`` (every prefix token dropped) on ``dst``'s grid."""
+    x = x[:, src.num_prefix:]
+    return x if src.grid == dst.grid else _resample_axis(x, 1, 0, src.grid, dst.grid)

@@ -31,9 +31,10 @@ from shd_vision.distill.mapping import align_maps, layer_pairs, resolve_pairs, s
 from shd_vision.errors import UserError
 from shd_vision.models.taps import AttentionRecord, Capture, TokenLayout, token_layout, vit_blocks
 
-__all__ = ["attention_kl", "attention_kl_rows", "layer_pairs", "squeeze_weights", "squeezed_targets", "SHD"]
+__all__ = ["attention_kl", "attention_kl_rows", "attention_mse", "layer_pairs", "squeeze_weights", "squeezed_targets", "SHD"]
 
-MERGES = ("progressive", "group", "mean")
+MERGES = ("progressive", "group", "mean", "select")
+LOSSES = ("kl", "mse")
 
 
 @dataclass
@@ -52,6 +53,9 @@ class _Circuit:
     def left(self, m: Tensor) -> "_Circuit":
         """``M X`` for maps ``M`` ``[..., N, N]``."""
         return _Circuit(m @ self.v, self.w)
+
+    def __neg__(self) -> "_Circuit":
+        return _Circuit(-self.v, self.w)
 
 
 def _inner(a: _Circuit, b: _Circuit) -> Tensor:
@@ -135,6 +139,20 @@ def _group_weights(heads: List[_Head]) -> Tensor:
     return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.full_like(w, 1 / k))
 
 
+def _select(heads: List[_Head]) -> Tensor:
+    """One-hot weights ``[..., k]`` on the head whose map alone best explains the group: per sample,
+    ``argmin_h ‖Σ_j A_j X_j − A_h S‖²`` with ``S = Σ_j X_j`` (ties: the lowest index)."""
+    s, y = heads[0].circuit, heads[0].circuit.left(heads[0].map)
+    for h in heads[1:]:
+        s, y = s + h.circuit, y + h.circuit.left(h.map)
+    residuals = []
+    for h in heads:
+        r = y + -s.left(h.map)
+        residuals.append(_inner(r, r))
+    best = torch.stack(residuals, -1).argmin(-1)  # argmin returns the first of equal minima
+    return F.one_hot(best, len(heads)).to(heads[0].map.dtype)
+
+
 def check_head_counts(num_student_heads: int, num_teacher_heads: int, where: str = "") -> None:
     """A student with more heads than its teacher needs a whole multiple of them."""
     if num_student_heads > num_teacher_heads and num_student_heads % num_teacher_heads:
@@ -161,6 +179,8 @@ def _squeeze(attn: Tensor, circuits: List[_Circuit], num_student_heads: int, mer
     for g, group in enumerate(balanced_groups(ht, num_student_heads)):
         if merge == "mean":
             w[..., g, group] = 1.0 / len(group)
+        elif merge == "select":
+            w[..., g, group] = _select([heads[h] for h in group])
         else:
             w[..., g, group] = _group_weights([heads[h] for h in group])
     return w
@@ -175,7 +195,9 @@ def squeeze_weights(attn: Tensor, circuits: Tensor, num_student_heads: int, merg
         circuits: ``[B, Ht, N, D]`` per-head circuits ``X_h = V_h W_O,hᵀ``.
         num_student_heads: ``Hs``; more than ``Ht`` only as a whole multiple of it.
         merge: ``progressive`` (rounds of adjacent-pair merges), ``group`` (balanced groups,
-            least-squares weights) or ``mean`` (balanced groups, equal weights).
+            least-squares weights), ``mean`` (balanced groups, equal weights) or ``select``
+            (balanced groups, the one head that best explains its group; the paper's "hard
+            selection" ablation).
 
     Returns:
         ``W`` ``[B, Hs, Ht]``: rows on the simplex, zero outside each student head's group.
@@ -196,6 +218,13 @@ def attention_kl(student_scores: Tensor, teacher_maps: Tensor, temperature: floa
         A scalar; gradients reach the student's scores only.
     """
     return attention_kl_rows(student_scores, teacher_maps, temperature).mean()
+
+
+def attention_mse(student_scores: Tensor, teacher_maps: Tensor, temperature: float) -> Tensor:
+    """The ``loss=mse`` ablation: ``(softmax(Z_s / τ) − T)²`` per row and key, ``[..., N, N]`` (no ``τ²``)."""
+    scores = upcast(student_scores)
+    q = (scores if temperature == 1 else scores / temperature).softmax(-1)
+    return (q - upcast(teacher_maps.detach())).pow(2)
 
 
 def attention_kl_rows(student_scores: Tensor, teacher_maps: Tensor, temperature: float) -> Tensor:
@@ -232,6 +261,7 @@ def squeezed_targets(record: AttentionRecord, num_student_heads: int, merge: str
 class SHDConfig(TermConfig):
     temperature: float = greater_than(0.0)
     merge: str = one_of(*MERGES, default="progressive")
+    loss: str = one_of(*LOSSES, default="kl")  # mse: the paper's ablation
     layers: Any = MISSING  # uniform, last, or [[student_block, teacher_block], ...]
 
 
@@ -271,7 +301,8 @@ class SHD(Method):
             target, w = squeezed_targets(t_rec, self.heads[pairs[0][0]], cfg.merge, cfg.temperature,
                                          self.teacher_layout, self.student_layout)  # [P, B, Hs, N', N']
             scores = select_tokens(s_rec.scores(), self.student_layout, self.teacher_layout, dims=(-2, -1))
-            loss = attention_kl_rows(scores, target, cfg.temperature).flatten(1).mean(1)  # [P]
+            per_row = attention_kl_rows if cfg.loss == "kl" else attention_mse
+            loss = per_row(scores, target, cfg.temperature).flatten(1).mean(1)  # [P]
             losses.append(loss)
             logs.update({f"layer{s}": x for (s, _), x in zip(pairs, loss.detach())})
             w_max.append(w.max(-1).values.flatten(1).mean(1))

@@ -55,7 +55,9 @@ class AttentionRecord:
     """One block's attention as its forward computed it.
 
     Shapes: ``q``, ``k``, ``v`` ``[B, H, N, d_h]``; ``proj_weight`` ``[D, H·d_h]`` (``W_O``);
-    ``probs`` ``[B, H, N, N]``, the softmax the forward computed (recorded for teachers only).
+    ``probs`` ``[B, H, N, N]``, the softmax the forward computed (recorded for teachers only);
+    ``qkv`` ``[B, N, 3·H·d_h]``, the projection's output before ``q_norm``/``k_norm`` (queries,
+    keys, values, each with the heads concatenated: what MiniLMv2 re-splits).
     """
 
     q: Tensor
@@ -64,6 +66,7 @@ class AttentionRecord:
     scale: float
     proj_weight: Tensor
     probs: Optional[Tensor] = None
+    qkv: Optional[Tensor] = None
 
     @staticmethod
     def stack(records: List["AttentionRecord"]) -> "AttentionRecord":
@@ -164,7 +167,7 @@ class Tap:
             b, n, _ = qkv.shape
             q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             self.record.attention[index] = AttentionRecord(attn.q_norm(q), attn.k_norm(k), v, attn.scale,
-                                                           attn.proj.weight)
+                                                           attn.proj.weight, qkv=qkv)
         return hook
 
     def _probs_hook(self, index: int):

@@ -81,7 +81,7 @@ class MixupConfig:
 
 @dataclass
 class DataConfig:
-    name: str = one_of("fashion_mnist", "imagefolder", "synthetic", "digits")
+    name: str = MISSING  # fashion_mnist, digits, synthetic, imagefolder, hfds/<dataset>, wds/<name>
     root: Optional[str] = None
     num_classes: Optional[int] = greater_than(0, None)
     train_split: str = MISSING

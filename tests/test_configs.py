@@ -10,6 +10,7 @@ from PIL import Image
 from shd_vision.config import CONF_DIR, check_config, compose_train
 from shd_vision.data.loaders import open_splits
 from shd_vision.distill.base import Distiller, active_terms
+from shd_vision.errors import UserError
 from shd_vision.models.factory import build
 
 GROUPS = ["model", "teacher", "data", "kd", "optim", "sched", "trainer", "logger", "experiment"]
@@ -27,7 +28,8 @@ def image_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_checks_and_builds(group, option, image_root, tmp_path):
+def test_option_composes_checks_and_builds(group, option, image_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     cfg = compose_train([f"{group}={option}", "debug=fast", f"paths.log_dir={tmp_path}",
                          *([f"data.root={image_root}", "data.num_classes=null"] if option in ("imagefolder", "imagenet")
                            or option.startswith("imagenet_") else [])])
@@ -37,6 +39,9 @@ def test_option_composes_checks_and_builds(group, option, image_root, tmp_path):
         kwargs = {k: v for k, v in spec.items() if k not in ("pretrained", "checkpoint", "use_ema", "mean", "std")}
         model = build(kwargs, 10, group)
         assert model.num_classes == 10
+    elif group == "data" and option in ("hfds", "wds"):  # read in test_readers.py, from data written there
+        with pytest.raises(UserError, match="Hugging Face dataset could not be read|has no _info.json"):
+            open_splits(cfg.data)
     elif group == "data" and option != "synthetic":
         train, val, classes = open_splits(cfg.data)
         assert len(train) > 0 and len(val) > 0 and len(classes) == len(train.classes)

@@ -24,6 +24,7 @@ from shd_vision import cli
 from shd_vision.data.datasets import UnreadableImage, unreadable_message
 from shd_vision.data.loaders import open_split
 from shd_vision.engine.logbook import format_duration, run_logging
+from shd_vision.errors import UserError
 
 log = logging.getLogger("shd_vision.check")
 _dataset: Optional[Dataset] = None  # each worker's copy of the split being scanned
@@ -63,6 +64,10 @@ def scan(dataset: Dataset, name: str, processes: int, chunk: int = 256) -> List[
 
 
 def check(cfg: DictConfig) -> int:
+    if cfg.data.name.startswith("wds/"):
+        raise UserError(f"data.name={cfg.data.name}: the scanner reads data sets item by item (folders, tar "
+                        "archives, Hugging Face datasets); WebDataset shards are streams, and timm's reader "
+                        "skips a sample it cannot decode with a warning instead of stopping.")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with run_logging(out_dir, True, "check.log"):

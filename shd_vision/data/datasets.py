@@ -1,4 +1,6 @@
-"""The data sets: Fashion-MNIST (Debian's idx files), image folders, scikit-learn digits, synthetic.
+"""The data sets: Fashion-MNIST (Debian's idx files), scikit-learn digits, synthetic, and timm's
+readers (``timm.data.create_dataset``): image folders, tar archives, Hugging Face datasets and
+WebDataset shards.
 
 Each returns items ``(image, label)`` with a PIL image, except the synthetic set, whose tensors
 are already sized and normalised. Each carries ``classes`` (names) and ``channels`` (1 or 3).
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
+from timm.data import IterableImageDataset, create_dataset
 
 from shd_vision.errors import UserError
 
@@ -97,31 +99,104 @@ def unreadable_message(e: BaseException) -> str:
     return lines[-1][lines[-1].index(UNREADABLE):] if lines else str(e)
 
 
-class _ImageFolderSplit(ImageFolder):
-    channels = 3  # the default loader converts every image to RGB
+class TimmImages(Dataset):
+    """A map-style timm reader (folder, tar, Hugging Face dataset) that decodes its own images, so
+    that a file PIL cannot decode stops the run naming it (:class:`UnreadableImage`) instead of
+    being skipped silently, as timm's ``ImageDataset`` does."""
+
+    channels = 3  # every image is converted to RGB, as timm's readers do
+
+    def __init__(self, name: str, root: str, split: str):
+        self.reader = create_dataset(name, root=root, split=split, search_split=False).reader
+        self.where = f"{name or root}[{split}]"
+        to_idx = getattr(self.reader, "class_to_idx", None) or getattr(self.reader, "class_name_to_idx", {})  # tar
+        self.classes = [c for c, _ in sorted(to_idx.items(), key=lambda kv: kv[1])]
+        self.transform: Optional[Callable] = None
+
+    def __len__(self) -> int:
+        return len(self.reader)
 
     def __getitem__(self, index: int):
+        file, target = self.reader[index][:2]
         try:
-            return super().__getitem__(index)
+            image = Image.open(file).convert("RGB")  # convert decodes every pixel
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's decode errors
             reason = (str(e).strip().splitlines() or [""])[0]
-            raise UnreadableImage(f"{UNREADABLE}{self.samples[index][0]} ({type(e).__name__}: {reason})") from None
+            name = self.reader.filename(index, absolute=True) or f"{self.where} item {index}"
+            raise UnreadableImage(f"{UNREADABLE}{name} ({type(e).__name__}: {reason})") from None
+        finally:
+            file.close()
+        return (self.transform(image) if self.transform else image), int(target)
 
 
-def image_folder(root: str, split: str) -> ImageFolder:
-    """``root/<split>/<class>/<image>``, the ImageNet layout."""
-    split_dir = Path(root) / split
+def image_folder(root: str, split: str) -> TimmImages:
+    """``root/<split>/<class>/<image>`` (the ImageNet layout) or ``root/<split>.tar`` (the same
+    layout inside a tar archive), read by timm's folder and tar readers."""
     layout = ("expected the ImageNet layout: data.root/train/<class>/<images> and "
-              "data.root/val/<class>/<images> (split names set by data.train_split/data.val_split)")
+              "data.root/val/<class>/<images>, or archives of it, data.root/train.tar and data.root/val.tar "
+              "(split names set by data.train_split/data.val_split)")
     if not Path(root).is_dir():
         raise UserError(f"data.root={root} is not a directory; {layout}.")
-    if not split_dir.is_dir():
-        raise UserError(f"data.root={root} has no '{split}' folder; {layout}.")
+    split_dir, archive = Path(root) / split, Path(root) / f"{split}.tar"
+    source = split_dir if split_dir.is_dir() else archive if archive.is_file() else None
+    if source is None:
+        raise UserError(f"data.root={root} has no '{split}' folder or '{split}.tar'; {layout}.")
     try:
-        return _ImageFolderSplit(str(split_dir))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f"data.root={root}: the '{split}' folder holds no images in class "
-                        f"folders ({e}); {layout}.") from None
+        images = TimmImages("", str(source), split)
+    except (RuntimeError, OSError) as e:  # timm: "Found 0 images in subfolders of ..."; a broken tar
+        images, problem = None, (str(e).strip().splitlines() or [""])[0]
+    if images is None or not len(images):
+        raise UserError(f"data.root={root}: {source.name} holds no images in class folders"
+                        f"{f' ({problem})' if images is None else ''}; {layout}.")
+    return images
+
+
+def hf_dataset(name: str, root: Optional[str], split: str) -> TimmImages:
+    """A Hugging Face dataset (``hfds/<hub name or local directory>``) through timm's reader, from
+    the hub cache or a local directory (``HF_DATASETS_OFFLINE=1`` keeps it off the network)."""
+    try:
+        return TimmImages(name, root, split)
+    except (FileNotFoundError, ValueError, ConnectionError, KeyError) as e:
+        raise UserError(f"data.name={name}: the Hugging Face dataset could not be read for split "
+                        f"'{split}' ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}). Give "
+                        "hfds/<hub name> with data.root=<its cache dir>, or hfds/<local directory> holding "
+                        "the data files (e.g. train-*.parquet), with splits named by data.train_split/"
+                        "data.val_split and image and label columns.") from None
+
+
+def webdataset(name: str, root: Optional[str], split: str, training: bool, batch_size: int,
+               num_classes: Optional[int], num_samples: Optional[int] = None) -> IterableImageDataset:
+    """WebDataset shards (``wds/<name>``) through timm's reader: ``root`` holds the ``.tar`` shards
+    and ``_info.json`` (per split: ``num_samples``, ``filenames``, ``shard_lengths``; optionally
+    ``classes``, the class names). Samples are ``<key>.jpg|png|webp`` with ``<key>.cls``.
+
+    An iterable data set: timm splits the shards over processes and loader workers, shuffles
+    shards by epoch and samples in a buffer; a sample PIL cannot decode is skipped by timm with a
+    warning (``data.skip_bad_images`` does not apply). ``num_samples`` caps an epoch (timm's
+    ``num_samples``: the first samples of each worker's stream, not a fixed subset).
+    """
+    layout = ("data.root must hold the shards and an _info.json naming them per split, e.g. "
+              '{"splits": {"train": {"name": "train", "num_samples": 1000, "filenames": ["train-0000.tar"], '
+              '"shard_lengths": [1000]}}, "classes": [...]}')
+    try:
+        import webdataset  # noqa: F401  (timm's reader needs it)
+    except ImportError:
+        raise UserError("data.name=wds/... reads WebDataset shards with the webdataset package, which "
+                        "is not installed; pip install -e '.[shards]' (webdataset).") from None
+    if not root or not ((Path(root) / "_info.json").is_file() or (Path(root) / "info.json").is_file()):
+        raise UserError(f"data.root={root} has no _info.json; {layout}.")
+    try:
+        ds = create_dataset(name, root=root, split=split, is_training=training, batch_size=batch_size,
+                            num_samples=num_samples)
+    except KeyError:
+        raise UserError(f"data.root={root}: _info.json has no split '{split}'; {layout}.") from None
+    classes = ds.reader.info.get("classes")
+    if classes is None and num_classes is None:
+        raise UserError(f"data.name={name}: the shards' _info.json lists no classes; set data.num_classes "
+                        "or add a \"classes\" list of names to _info.json.")
+    ds.classes = list(classes) if classes is not None else [str(c) for c in range(num_classes)]
+    ds.channels = 3
+    return ds
 
 
 class SyntheticDataset(Dataset):

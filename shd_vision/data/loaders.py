@@ -14,7 +14,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from timm.data import Mixup, create_transform, resolve_input_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.mixup import mixup_target
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, Subset
 from torchvision import transforms as T
 
 from shd_vision.data import datasets
@@ -43,6 +43,16 @@ def open_split(cfg: DictConfig, split: str) -> Dataset:
             raise UserError("data.root is not set; point it at a folder in the ImageNet layout: "
                             "data.root/train/<class>/<images> and data.root/val/<class>/<images>.")
         return datasets.image_folder(cfg.root, split)
+    if cfg.name.startswith("hfds/"):
+        return datasets.hf_dataset(cfg.name, cfg.root, split)
+    if cfg.name.startswith("wds/"):
+        training = split == cfg.train_split
+        return datasets.webdataset(cfg.name, cfg.root, split, training, cfg.batch_size, cfg.num_classes,
+                                   cfg.train_size if training else None)
+    if cfg.name != "synthetic":
+        raise UserError(f"data.name={cfg.name} is not a data set shd-vision reads; use fashion_mnist, digits, "
+                        "synthetic, imagefolder (a folder or tar archives per split), hfds/<Hugging Face "
+                        "dataset> or wds/<name> (WebDataset shards in data.root).")
     if not (cfg.num_classes and cfg.train_size and cfg.val_size):
         raise UserError("data=synthetic needs data.num_classes, data.train_size and data.val_size.")
     size = cfg.train_size if split == cfg.train_split else cfg.val_size
@@ -261,10 +271,16 @@ class Data:
 
     train: DataLoader
     val: DataLoader
-    sampler: EpochSampler
+    sampler: Union[EpochSampler, "StreamEpochs"]
     targets: BatchTargets
     classes: List[str]
     input: Dict[str, Any]  # input_size, mean, std, interpolation, crop_pct (saved in checkpoints)
+
+    def epoch(self, epoch: int, done: int) -> Iterator[Any]:
+        """The training batches of ``epoch`` after the first ``done`` (a resumed epoch)."""
+        self.sampler.set_epoch(epoch, start=done * self.train.batch_size)
+        it = batches(self.train)
+        return itertools.islice(it, self.sampler.skip, None) if isinstance(self.sampler, StreamEpochs) else it
 
 
 def _prepare(ds: Dataset, cfg: DictConfig, data_cfg: Dict[str, Any], training: bool) -> None:
@@ -277,9 +293,29 @@ def _prepare(ds: Dataset, cfg: DictConfig, data_cfg: Dict[str, Any], training: b
         ds.transform = build_transform(cfg, data_cfg, ds.channels, training)
 
 
+def _stream_options(cfg: DictConfig) -> None:
+    """Map-style options an iterable reader (WebDataset) cannot honour are refused, not ignored;
+    ``data.train_size`` caps its epochs instead (timm's ``num_samples``)."""
+    given = [f"data.{k}={cfg[k]}" for k in ("holdout", "repeated_aug", "skip_bad_images") if cfg[k]]
+    if given:
+        raise UserError(f"{', '.join(given)}: WebDataset shards are read as a stream, which has no "
+                        "held-out split, repeated augmentation or stand-in images; remove them.")
+    if cfg.num_workers < 1:
+        raise UserError("data.num_workers=0: WebDataset shards are shuffled and augmented inside loader "
+                        "workers, whose seeds make an epoch reproducible; set data.num_workers=1 or more.")
+    if cfg.val_size:
+        log.warning("data.val_size=%d is not applied to WebDataset shards: the whole %s split is "
+                    "evaluated", cfg.val_size, cfg.val_split)
+
+
 def build_val_loader(cfg: DictConfig, val: Dataset, data_cfg: Dict[str, Any],
                      rank: int = 0, world: int = 1, bad_record: Optional[Path] = None) -> DataLoader:
     _prepare(val, cfg, data_cfg, training=False)
+    if isinstance(val, IterableDataset):  # timm gives each process and worker its own shards
+        _stream_options(cfg)
+        val.set_loader_cfg(num_workers=cfg.num_workers)
+        return DataLoader(val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                          num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, generator=_own_generator())
     val = _guard(_subset(val, cfg.val_size), cfg, bad_record)
     return DataLoader(val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                       sampler=ShardSampler(len(val), rank, world), num_workers=cfg.num_workers,
@@ -298,6 +334,8 @@ def build_data(cfg: DictConfig, splits: Tuple[Dataset, Dataset, Sequence[str]], 
     ``bad_record`` collects the unreadable files ``data.skip_bad_images=true`` skips."""
     train, val, classes = splits
     _prepare(train, cfg, data_cfg, training=True)
+    if isinstance(train, IterableDataset):
+        return _stream_data(cfg, train, val, classes, data_cfg, seed, rank, world)
     train = _guard(_subset(train, cfg.train_size), cfg, bad_record)
     if cfg.repeated_aug > 1:
         base = RepeatAugSampler(train, num_replicas=world, rank=rank, num_repeats=cfg.repeated_aug)
@@ -313,6 +351,40 @@ def build_data(cfg: DictConfig, splits: Tuple[Dataset, Dataset, Sequence[str]], 
                               generator=_own_generator())
     val_loader = build_val_loader(cfg, val, data_cfg, rank, world, bad_record)
     return Data(train_loader, val_loader, sampler, BatchTargets(cfg, len(classes)), list(classes), data_cfg)
+
+
+class StreamEpochs:
+    """The epochs of an iterable reader (timm's WebDataset reader), in the place of a sampler.
+
+    timm orders the shards of epoch ``e`` by ``(seed, e)``; the loader's generator is reseeded
+    from ``(seed, e, rank)`` before each epoch, so that every worker's sample shuffle and
+    augmentations, and hence the epoch's batches, are a function of them. A resumed epoch replays
+    its stream and drops the batches already trained on (decoded, not trained).
+    """
+
+    def __init__(self, loader: DataLoader, seed: int, rank: int):
+        self.loader, self.seed, self.rank = loader, seed, rank
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.loader.dataset.set_epoch(epoch)
+        self.loader.generator.manual_seed(sample_seed(self.seed, epoch, self.rank))
+        self.skip = start // self.loader.batch_size
+
+
+def _stream_data(cfg: DictConfig, train: IterableDataset, val: Dataset, classes: Sequence[str],
+                 data_cfg: Dict[str, Any], seed: int, rank: int, world: int) -> Data:
+    _stream_options(cfg)
+    train.reader.common_seed = seed  # timm's shard order follows the run's seed, not its default 42
+    train.set_loader_cfg(num_workers=cfg.num_workers)
+    loader = DataLoader(train, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+                        drop_last=True, generator=_own_generator())
+    if len(loader) == 0:
+        raise UserError(f"data.batch_size={cfg.batch_size} is larger than this process's share of the "
+                        f"shards ({len(train)} samples); lower it or write more samples.")
+    val_loader = build_val_loader(cfg, val, data_cfg, rank, world)
+    return Data(loader, val_loader, StreamEpochs(loader, seed, rank), BatchTargets(cfg, len(classes)),
+                list(classes), data_cfg)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shd_vision.config import check_config
 from shd_vision.data.datasets import UnreadableImage, unreadable_message
-from shd_vision.data.loaders import bad_images, batches, build_data, open_splits, resolve_input
+from shd_vision.data.loaders import bad_images, build_data, open_splits, resolve_input
 from shd_vision.distill import Batch, Distiller
 from shd_vision.distill.base import active_terms, uses_teacher
 from shd_vision.engine import runtime
@@ -325,13 +325,12 @@ class Run:
 
     def train_epoch(self, throughput: Throughput, signals: StopSignals) -> None:
         """Train until the epoch ends or the step budget is spent."""
-        cfg, tr, st = self.cfg, self.cfg.trainer, self.state
-        self.data.sampler.set_epoch(st.epoch, start=st.epoch_batches * cfg.data.batch_size)
+        tr, st = self.cfg.trainer, self.state
         self.distiller.train()
         batches_per_epoch = self.updates_per_epoch * tr.accumulate
         sums: Dict[str, torch.Tensor] = {}
         count = 0
-        for images, labels in batches(self.data.train):
+        for images, labels in self.data.epoch(st.epoch, st.epoch_batches):
             images = images.to(self.rt.device, non_blocking=True)
             labels = labels.to(self.rt.device, non_blocking=True)
             if tr.channels_last:
@@ -408,7 +407,7 @@ class Run:
         epoch = self.state.epoch + self.state.epoch_batches / (self.updates_per_epoch * tr.accumulate)
         self.student.eval()
         val = evaluate(self.student, self.data.val, len(self.classes), self.rt, tr.precision, tr.channels_last)
-        record = {k: v for k, v in val.items() if k in ("top1", "top5", "loss")}
+        record = {k: v for k, v in val.items() if k in ("top1", "top5", "loss", "samples")}
         if self.ema is not None:
             ema_val = evaluate(self.ema.module, self.data.val, len(self.classes), self.rt, tr.precision,
                                tr.channels_last)

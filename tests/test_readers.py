@@ -1,0 +1,257 @@
+"""timm's dataset readers (methods of ``timm.data.create_dataset``): image folders, tar archives,
+Hugging Face datasets and WebDataset shards, written on the fly from scikit-learn's digits, read
+the same images, train and evaluate with 1 and 2 processes, and resume."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import debug_args, run_cli
+from shd_vision.data import datasets
+from shd_vision.data.loaders import build_data, open_splits
+
+CLASSES = [str(c) for c in range(10)]
+SPLITS = {"train": 64, "validation": 32}
+
+
+def digit_images(split, n):
+    """``n`` digits of ``split`` as 16x16 RGB PNG bytes; pixel (0, 0) carries the sample's number."""
+    ds = datasets.digits("train" if split == "train" else "test")
+    out = []
+    for i in range(n):
+        rgb = np.repeat(np.array(Image.fromarray(ds.images[i]).resize((16, 16)))[..., None], 3, -1)
+        rgb[0, 0] = (i % 256, i // 256, 7)
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        out.append((f"{split}-{i:04d}", int(ds.labels[i]), buf.getvalue()))
+    return out
+
+
+def write_folder(root):
+    for split, n in SPLITS.items():
+        for key, label, png in digit_images(split, n):
+            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+            (root / split / str(label) / f"{key}.png").write_bytes(png)
+
+
+def write_tars(root):
+    root.mkdir(parents=True)
+    for split, n in SPLITS.items():
+        with tarfile.open(root / f"{split}.tar", "w") as tar:
+            for key, label, png in digit_images(split, n):
+                info = tarfile.TarInfo(f"{label}/{key}.png")
+                info.size = len(png)
+                tar.addfile(info, io.BytesIO(png))
+
+
+def write_hf(root):
+    from datasets import ClassLabel, Dataset, Features, Image as HFImage
+
+    root.mkdir(parents=True)
+    for split, n in SPLITS.items():
+        items = sorted(digit_images(split, n), key=lambda item: (str(item[1]), item[0]))  # the folder's order
+        data = {"image": [{"bytes": png, "path": f"{key}.png"} for key, _, png in items],
+                "label": [label for _, label, _ in items]}
+        features = Features({"image": HFImage(), "label": ClassLabel(names=CLASSES)})
+        Dataset.from_dict(data, features=features).to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
+
+
+def write_shards(root, shards=None):
+    """WebDataset shards: 4 train shards of 16 samples, 2 validation shards, and _info.json."""
+    root.mkdir(parents=True)
+    info = {"name": "digits", "classes": CLASSES, "splits": {}}
+    for split, n in SPLITS.items():
+        count = shards or (4 if split == "train" else 2)
+        names = [f"{split}-{s:04d}.tar" for s in range(count)]
+        items = digit_images(split, n)
+        for s, name in enumerate(names):
+            with tarfile.open(root / name, "w") as tar:
+                for key, label, png in items[s::count]:
+                    for ext, payload in (("png", png), ("cls", str(label).encode())):
+                        member = tarfile.TarInfo(f"{key}.{ext}")
+                        member.size = len(payload)
+                        tar.addfile(member, io.BytesIO(payload))
+        info["splits"][split] = {"name": split, "num_samples": n, "filenames": names,
+                                 "shard_lengths": [len(items[s::count]) for s in range(count)]}
+    (root / "_info.json").write_text(json.dumps(info))
+
+
+READERS = {
+    "folder": (write_folder, ["data=imagefolder", "data.val_split=validation"]),
+    "tar": (write_tars, ["data=imagefolder", "data.val_split=validation"]),
+    "hfds": (write_hf, ["data=hfds"]),
+    "wds": (write_shards, ["data=wds", "data.name=wds/digits"]),
+}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    root = tmp_path_factory.mktemp("readers")
+    for name, (write, _) in READERS.items():
+        write(root / name)
+    return root
+
+
+def reader_cfg(written, name, **kw):
+    args = READERS[name][1]
+    cfg = OmegaConf.load("conf/data/imagefolder.yaml")
+    if "data=hfds" in args:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load("conf/data/hfds.yaml"))
+        cfg.name, cfg.root = f"hfds/{written / 'hfds'}", str(written / "hf-cache")
+    elif "data=wds" in args:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load("conf/data/wds.yaml"))
+        cfg.name, cfg.root = "wds/digits", str(written / "wds")
+    else:
+        cfg.val_split, cfg.root = "validation", str(written / name)
+    cfg.pop("defaults", None)
+    return OmegaConf.merge(cfg, kw)
+
+
+def pixels(image):
+    return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("name", ["tar", "hfds"])
+def test_map_style_readers_give_the_folders_images_and_labels(written, name, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder_train, folder_val, classes = open_splits(reader_cfg(written, "folder"))
+    train, val, other_classes = open_splits(reader_cfg(written, name))
+    assert classes == other_classes == CLASSES
+    for a, b in ((folder_train, train), (folder_val, val)):
+        assert len(a) == len(b) == {64: 64, 32: 32}[len(a)]
+        for i in range(len(a)):
+            (x, y), (u, v) = a[i], b[i]
+            assert y == v and np.array_equal(pixels(x), pixels(u)), (name, i)
+
+
+def raw(image):
+    """Untransformed pixels (in place of the training transform), to read the samples' numbers."""
+    return torch.from_numpy(np.asarray(image).copy())
+
+
+def sample_ids(batch_images):
+    """The sample numbers written into pixel (0, 0), from untransformed uint8 tensors."""
+    return [int(img[0, 0, 0]) + 256 * int(img[0, 0, 1]) for img in batch_images]
+
+
+def test_webdataset_epoch_sees_each_sample_once_and_replays_by_seed(written):
+    cfg = reader_cfg(written, "wds", batch_size=8, num_workers=2)
+    splits = open_splits(cfg)
+    data_cfg = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
+                "crop_pct": 1.0}
+    data = build_data(cfg, splits, data_cfg, seed=3)
+    data.train.dataset.transform = raw
+    assert len(data.train) == 8
+
+    def epoch(e, done=0):
+        return [i for images, _ in data.epoch(e, done) for i in sample_ids(images)]
+
+    first, second = epoch(0), epoch(1)
+    assert sorted(first) == sorted(second) == list(range(64)) and first != second
+    assert epoch(0) == first  # an epoch is a function of (seed, epoch)
+    assert epoch(1, done=3) == second[24:]  # a resumed epoch continues where it stopped
+
+
+def spawn_ranks(rank, world, port, cfg_yaml, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = OmegaConf.create(cfg_yaml)
+    data_cfg = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
+                "crop_pct": 1.0}
+    data = build_data(cfg, open_splits(cfg), data_cfg, seed=0, rank=rank, world=world)
+    data.train.dataset.transform = raw
+    seen = [i for images, _ in data.epoch(0, 0) for i in sample_ids(images)]
+    torch.save({"seen": seen, "batches": len(data.train)}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_processes_share_the_shards_of_an_epoch_without_overlap(written, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = OmegaConf.to_container(reader_cfg(written, "wds", batch_size=8, num_workers=1))
+    mp.spawn(spawn_ranks, args=(2, port, cfg, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["batches"] for r in ranks] == [4, 4]
+    assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == list(range(64))
+
+
+@pytest.mark.parametrize("name", list(READERS))
+def test_train_and_evaluate_on_each_reader(written, tmp_path, name):
+    """train.py then eval.py: the same student, teacher (the shipped grey one), transforms and
+    mixup as the folder; the whole validation split is counted."""
+    data = [*READERS[name][1], "data.batch_size=8", "data.num_workers=1", "data.val_size=null"]
+    if name == "hfds":
+        data += [f"data.name=hfds/{written / 'hfds'}", f"data.root={tmp_path / 'cache'}"]
+    else:
+        data += [f"data.root={written / name}"]
+    args = [*data, "model=vit_fmnist_student", "kd=logit", "data.mixup.mixup_alpha=0.4", "data.train_size=null",
+            "trainer.max_steps=null", "trainer.epochs=1", "data.img_size=16", "model.img_size=16"]
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    result = run_cli("train.py", *debug_args(tmp_path, *args), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "64 train / 32 val images" in log and "8 steps (8 per epoch" in log, log[:3000]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 8 and 0 <= summary["top1"] <= 100
+    evaluation = run_cli("eval.py", f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", *data,
+                         f"hydra.run.dir={tmp_path}/eval", env=env)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert "32 images" in evaluation.stdout or "32 images" in evaluation.stderr, evaluation.stdout[-2000:]
+
+
+def shard_args(written, tmp_path, *extra):
+    return debug_args(tmp_path, "data=wds", "data.name=wds/digits", f"data.root={written / 'wds'}", "data.batch_size=8",
+                      "data.num_workers=1", "data.train_size=null", "data.val_size=null", "model=vit_fmnist_student",
+                      "kd=logit", "data.img_size=16", "model.img_size=16", "+model.drop_rate=0.1",
+                      "trainer.max_steps=null", "trainer.epochs=2", "trainer.eval_teacher=false", *extra)
+
+
+def test_a_resumed_webdataset_run_ends_with_the_uninterrupted_weights(written, tmp_path):
+    """Stopped mid-way through its second epoch and resumed, a run on shards replays that epoch's
+    stream (same shard order, worker seeds and augmentations), drops the batches it trained on and
+    ends bit-identical to an uninterrupted one."""
+    straight = run_cli("train.py", *shard_args(written, tmp_path, f"hydra.run.dir={tmp_path}/straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopped = run_cli("train.py", *shard_args(written, tmp_path, f"hydra.run.dir={tmp_path}/resumed", "trainer.max_steps=11"))
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    resumed = run_cli("train.py", *shard_args(written, tmp_path, f"hydra.run.dir={tmp_path}/resumed", "trainer.resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (torch.load(tmp_path / run / "checkpoints/last.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert a["state"]["step"] == b["state"]["step"] == 16
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["wds", "tar"])
+def test_two_processes_train_and_evaluate_on_shards_and_archives(written, tmp_path, name):
+    import os
+    import subprocess
+    import sys
+
+    from shd_vision.config import PROJECT_ROOT
+
+    data = ([f"data.root={written / 'wds'}", "data=wds", "data.name=wds/digits"] if name == "wds"
+            else [f"data.root={written / 'tar'}", "data=imagefolder", "data.val_split=validation"])
+    args = [*debug_args(tmp_path, *data, "data.batch_size=8", "data.num_workers=1", "data.train_size=null",
+                        "data.val_size=null", "model=vit_fmnist_student", "kd=logit", "data.img_size=16",
+                        "model.img_size=16", "trainer.max_steps=null", "trainer.epochs=1", "trainer.threads=1")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
+    result = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "2 process(es)" in log and "4 steps (4 per epoch" in log, log[:3000]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["samples"] for r in records if r["split"] == "val"] == [32]  # both ranks' shards, each image once

@@ -1,18 +1,22 @@
 """Does data loading keep up with the training step? Loader throughput (decode, augment, collate)
 beside the step throughput of logit KD and SHD, for the same input size and batch.
 
-The tiny preset reads the Debian Fashion-MNIST files; the DeiT presets read an ImageNet-style
-folder of JPEGs written on the fly (500x375, like ImageNet's median image) through the
-data=imagenet pipeline (RandAugment, random erasing, repeated augmentation).
+The tiny preset reads the Debian Fashion-MNIST files; the DeiT presets write the same JPEGs
+(500x375, like ImageNet's median image) as an ImageNet-style folder and as WebDataset shards, and
+read both through timm's readers with the data=imagenet augmentation (RandAugment, random
+erasing; no repeated augmentation, which a stream cannot do).
 
     python benchmarks/loader.py                                  # tiny pair, workers 0 and 2
-    python benchmarks/loader.py --preset deit_s_ti --workers 4 8 16
+    python benchmarks/loader.py --preset deit_s_ti --workers 1 2 --gpu-shd-rate 2300
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import math
+import tarfile
 import statistics
 import sys
 import tempfile
@@ -34,6 +38,27 @@ def jpeg_folder(root: Path, images: int, classes: int = 10) -> Path:
             d = root / split / f"class{i % classes:02d}"
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(d / f"{i}.jpg", quality=90)
+    return root
+
+
+def shards(folder: Path, root: Path, count: int = 16) -> Path:
+    """The folder's training JPEGs as ``count`` WebDataset shards (``<key>.jpg`` + ``<key>.cls``)."""
+    root.mkdir(parents=True)
+    files = sorted((folder / "train").rglob("*.jpg"))
+    classes = sorted(p.name for p in (folder / "train").iterdir())
+    names, lengths = [], []
+    for s in range(count):
+        names.append(f"train-{s:04d}.tar")
+        part = files[s::count]
+        lengths.append(len(part))
+        with tarfile.open(root / names[-1], "w") as tar:
+            for f in part:
+                for name, payload in ((f"{f.stem}.jpg", f.read_bytes()), (f"{f.stem}.cls", str(classes.index(f.parent.name)).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    split = {"name": "train", "num_samples": len(files), "filenames": names, "shard_lengths": lengths}
+    (root / "_info.json").write_text(json.dumps({"classes": classes, "splits": {"train": split, "val": split}}))
     return root
 
 
@@ -73,6 +98,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: the preset's for the device")
     parser.add_argument("--batches", type=int, default=20, help="batches timed per loader")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--gpu-shd-rate", type=float, default=None,
+                        help="an SHD step's images/s measured on a GPU: adds the workers it would need")
     args = parser.parse_args()
     device = torch.device(args.device)
     batch = args.batch or PRESETS[args.preset]["batch"][device.type]
@@ -82,22 +109,33 @@ def main() -> None:
         steps[method] = batch / time_it(step, device, args.steps, 2)
     with tempfile.TemporaryDirectory() as tmp:
         if args.preset == "tiny":
-            source, overrides = "Fashion-MNIST (Debian files)", ["data=fashion_mnist"]
+            sources = {"Fashion-MNIST (Debian files)": ["data=fashion_mnist"]}
         else:
-            root = jpeg_folder(Path(tmp), batch * (args.batches + 1 + max(args.workers) * PREFETCH) + 8)
-            source, overrides = "JPEG folder, data=imagenet", ["data=imagenet", f"data.root={root}", "data.num_classes=10",
-                                                               "data.repeated_aug=0"]
+            root = jpeg_folder(Path(tmp) / "folder", batch * (args.batches + 1 + max(args.workers) * PREFETCH) + 8)
+            common = ["data=imagenet", "data.num_classes=10", "data.repeated_aug=0"]
+            sources = {"JPEG folder (timm folder reader)": [*common, f"data.root={root}"],
+                       "WebDataset shards (timm wds reader)": [*common, "data.name=wds/bench", "data.val_split=val",
+                                                               f"data.root={shards(root, Path(tmp) / 'wds')}"]}
         rows = []
-        for w in args.workers:
-            rate = statistics.median(loader_rate(overrides, args.preset, w, batch, args.batches) for _ in range(2))
-            per_worker = rate / max(w, 1)
-            rows.append([source, w, f"{rate:.1f}", f"{per_worker:.1f}", f"{steps['logit']:.1f}", f"{steps['shd']:.1f}",
-                         f"{rate / steps['shd']:.2f}", math.ceil(steps["shd"] / per_worker)])
-            print(f"workers {w}: {rate:.0f} images/s", file=sys.stderr)
+        for source, overrides in sources.items():
+            for w in args.workers:
+                if w == 0 and "WebDataset" in source:
+                    continue  # streams need loader workers
+                rate = statistics.median(loader_rate(overrides, args.preset, w, batch, args.batches) for _ in range(2))
+                per_worker = rate / max(w, 1)
+                row = [source, w, f"{rate:.1f}", f"{per_worker:.1f}", f"{steps['logit']:.1f}", f"{steps['shd']:.1f}",
+                       f"{rate / steps['shd']:.2f}", math.ceil(steps["shd"] / per_worker)]
+                if args.gpu_shd_rate:
+                    row.append(math.ceil(args.gpu_shd_rate / per_worker))
+                rows.append(row)
+                print(f"{source}, workers {w}: {rate:.0f} images/s", file=sys.stderr)
     print(f"\n{args.preset} preset, batch {batch}, steps on {machine(device)}; loaders on {torch.get_num_threads()} "
           f"threads + workers\n")
-    print(table(["data", "loader workers", "loader images/s", "per worker", "logit step images/s",
-                 "shd step images/s", "loader / shd step", "workers an SHD step needs"], rows))
+    head = ["data", "loader workers", "loader images/s", "per worker", "logit step images/s",
+            "shd step images/s", "loader / shd step", "workers an SHD step needs"]
+    if args.gpu_shd_rate:
+        head.append(f"workers a GPU SHD step at {args.gpu_shd_rate:.0f} images/s needs")
+    print(table(head, rows))
     print("\nloader / shd step above 1: loading keeps up with SHD training at that worker count "
           "(with workers, loading overlaps the step; with 0 it adds to it). Workers an SHD step "
           "needs: the SHD step's rate over this row's rate per worker (one core each).")

@@ -1,7 +1,11 @@
 """Distil a student from a teacher: ``python train.py model=deit_tiny teacher=deit_small kd=shd
 data=imagenet data.root=/data/imagenet``. Every option is a Hydra override (``--help``, ``--cfg job``)."""
 
+import logging
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from shd_vision import cli
@@ -12,6 +16,14 @@ from shd_vision.engine.train import train
 def main(cfg: DictConfig) -> float:
     """Returns the final validation top-1, the value Hydra sweepers (Optuna) maximise."""
     summary, _ = cli.run_task(train, cfg)
+    hydra_cfg = HydraConfig.get()
+    if (summary.get("status") == "stopped" and hydra_cfg.mode == RunMode.MULTIRUN
+            and hydra_cfg.launcher._target_.endswith("BasicLauncher")):
+        # this process runs the sweep's remaining jobs: a stop signal ends them too
+        logging.getLogger("shd_vision").warning(
+            "the sweep stops here (%s); the rest of its jobs did not run. Rerun the same command with "
+            "trainer.resume=auto to continue it.", summary["reason"])
+        raise SystemExit(143)
     return summary["top1"]
 
 

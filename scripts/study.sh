@@ -4,7 +4,9 @@
 #   2. sweeps on held-out training images (data.holdout, one seed, 4 trials per method): the logit
 #      temperature T on logit KD, then SHD's τ and weight on SHD + KD, MiniLMv2's relation heads and
 #      weight on MiniLMv2 + KD (both with the chosen T); never on the images the table reports;
-#   3. every study row (conf/study/) x 3 seeds with the chosen values, validated on the test images;
+#   3. every study row (conf/study/) x 3 seeds with the chosen values, validated on the test images
+#      (the comparison SHD must win first: CE, logit KD, MiniLMv2, SHD + KD; then the other
+#      baselines; then SHD's ablations);
 #   4. the report, with each row paired by seed against logit KD and MiniLMv2.
 #   bash scripts/study.sh fashion_mnist|digits [train.py overrides for every run]
 # Rerunning it continues an interrupted study: each run resumes from its last checkpoint and
@@ -38,8 +40,10 @@ SHD=$(best shd kd.terms.shd.temperature kd.terms.shd.weight)
 run $sweep study=minilm $T kd.terms.minilm.relation_heads=4,12 kd.terms.minilm.weight=1,3 run_name=sweep/minilm "$@"
 MINILM=$(best minilm kd.terms.minilm.relation_heads kd.terms.minilm.weight)
 echo "chosen on held-out training images: $T | $SHD | $MINILM" | tee $root/sweep/chosen.txt
-seeds=seed=0,1,2
-run $seeds study=ce,logit,deit_hard,fitnet,manifold,adkd $T run_name=study/base "$@"
-run $seeds study=shd_logit,shd_progressive,shd_group,shd_mean,shd_select,shd_mse $T $SHD run_name=study/shd "$@"
+seeds=seed=0,1,2  # seed-major: a study cut short has as many seeds in every row of a stage
+run $seeds study=ce,logit $T run_name=study/base "$@"
 run $seeds study=minilm $T $MINILM run_name=study/minilm "$@"
+run $seeds study=shd_logit $T $SHD run_name=study/shd_logit "$@"
+run $seeds study=manifold,fitnet,deit_hard,adkd $T run_name=study/baselines "$@"
+run $seeds study=shd_progressive,shd_group,shd_mean,shd_select,shd_mse $T $SHD run_name=study/shd_ablations "$@"
 $py -m shd_vision.report dir=$root/study "by=[kd.name]" "paired=[logit,minilm]"

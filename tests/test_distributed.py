@@ -175,3 +175,21 @@ def test_sigterm_saves_and_a_resumed_run_ends_where_an_uninterrupted_one_does(tm
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = weights(tmp_path / "straight/checkpoints/last.pt"), weights(tmp_path / "stopped/checkpoints/last.pt")
     assert b["state"]["step"] == 60 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_local_sweep_not_only_its_current_job(tmp_path):
+    """With Hydra's basic launcher one process runs every job of a -m sweep: a stop signal saves
+    the running job and ends the sweep (exit 143) instead of starting the next job."""
+    cmd = [sys.executable, "train.py", "-m", "seed=0,1", "debug=fast", *SYNTHETIC, "trainer.max_steps=200",
+           "trainer.epochs=30", "data.batch_size=8", "trainer.threads=2", f"paths.log_dir={tmp_path}", "run_name=sw"]
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "train/multiruns/sw/0/train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "step 3/200" in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output[-2000:]
+    assert "stopped by SIGTERM" in output and "the sweep stops here" in output
+    assert not (tmp_path / "train/multiruns/sw/1").exists()

@@ -130,3 +130,20 @@ def test_a_run_of_hours_says_so_once_before_its_first_log_line(make_cfg, tmp_pat
     early = text.index("first 1 steps:")
     assert early < text.index("at this rate the run needs 4:10:00 more") < text.index("step 3/6")
     assert "img/s | eta 4:10:00" in text[early:early + 80]
+
+
+def test_a_resumed_run_reports_the_rate_and_time_of_all_its_sessions(make_cfg, tmp_path):
+    """summary.json of a run resumed after it stopped, or after it had finished, keeps the training
+    images/s and wall time of the whole run, not only of the last session."""
+    train(make_cfg("kd=none", "trainer.max_steps=2"))
+    ckpt = ck.load(tmp_path / "run/checkpoints/last.pt", "x")
+    assert ckpt["state"]["step"] == 2 and ckpt["timing"]["wall_seconds"] > 0
+    batch = ckpt["timing"]["train_samples"] // 2
+    summary, _ = train(make_cfg("kd=none", "trainer.resume=auto"))
+    timing = ck.load(tmp_path / "run/checkpoints/last.pt", "x")["timing"]
+    assert summary["steps"] == 4 and timing["train_samples"] == 4 * batch == 4 * summary["global_batch"]
+    assert summary["train_samples_per_s"] == pytest.approx(timing["train_samples"] / timing["train_seconds"])
+    assert summary["wall_time_s"] >= timing["wall_seconds"] > ckpt["timing"]["wall_seconds"]
+    again, _ = train(make_cfg("kd=none", "trainer.resume=auto"))  # already finished
+    assert again["train_samples_per_s"] == pytest.approx(summary["train_samples_per_s"])
+    assert again["wall_time_s"] >= summary["wall_time_s"]

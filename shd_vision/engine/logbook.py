@@ -66,9 +66,11 @@ class Throughput:
     """Training samples per second and time left; the clock runs only between ``start`` and
     ``stop``, so validation and checkpoint writes do not count."""
 
-    def __init__(self, total_steps: int):
+    def __init__(self, total_steps: int, earlier: Optional[Mapping[str, float]] = None):
         self.total = total_steps
         self.samples, self.steps, self.seconds = 0, 0, 0.0
+        # the run's sessions before a resume: their samples and training seconds count in mean_rate
+        self.earlier = dict(earlier or {"train_samples": 0, "train_seconds": 0.0})
         self._since: Optional[float] = None
         self._window = [0, 0, 0.0]  # samples, steps, seconds since the last read
 
@@ -105,8 +107,15 @@ class Throughput:
                 "eta_s": (self.total - step) * seconds / max(self.steps, 1)}
 
     @property
+    def totals(self) -> Dict[str, float]:
+        """Training samples and seconds over every session of the run (saved in checkpoints)."""
+        return {"train_samples": self.earlier["train_samples"] + self.samples,
+                "train_seconds": self.earlier["train_seconds"] + self.seconds}
+
+    @property
     def mean_rate(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+        t = self.totals
+        return t["train_samples"] / t["train_seconds"] if t["train_seconds"] > 0 else float("nan")
 
 
 class Logbook:

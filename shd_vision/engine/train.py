@@ -172,6 +172,7 @@ class Run:
         self.total_steps = tr.epochs * self.updates_per_epoch
         if tr.max_steps:
             self.total_steps = min(self.total_steps, tr.max_steps)
+        self.throughput = Throughput(self.total_steps)  # restore() adds the earlier sessions of a resumed run
         self.checkpoints = Checkpoints(run_dir)
         self.loss_watch = LossWatch(rt.device)
         self._told_eta = False
@@ -219,6 +220,8 @@ class Run:
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
             "classes": list(self.classes),
             "metrics": {k: v for k, v in self.last_val.items() if k != "confusion"},
+            # over every session, so that a resumed run reports its whole rate and time
+            "timing": {**self.throughput.totals, "wall_seconds": time.perf_counter() - self.t0},
         }
         if self.ema is not None:
             ckpt["model_ema"] = self.ema.module.state_dict()
@@ -259,6 +262,9 @@ class Run:
             self.ema.module.load_state_dict(ckpt["model_ema"])
         self.state = TrainState(**ckpt["state"])
         self.last_val = dict(ckpt.get("metrics", {}))
+        timing = ckpt.get("timing", {"train_samples": 0, "train_seconds": 0.0, "wall_seconds": 0.0})
+        self.throughput = Throughput(self.total_steps, timing)
+        self.t0 -= timing["wall_seconds"]
         if len(ckpt["rng"]) == self.rt.world:
             set_rng_state(ckpt["rng"][self.rt.rank])
         else:
@@ -295,7 +301,7 @@ class Run:
             self.teacher_top1 = evaluate(self.teacher.predict, self.data.val, len(self.classes), self.rt,
                                          tr.precision, tr.channels_last)["top1"]
             log.info("teacher top-1 on the validation set: %.2f%%", self.teacher_top1)
-        throughput = Throughput(self.total_steps)
+        throughput = self.throughput
         with StopSignals() as signals:
             try:
                 while self.state.step < self.total_steps and self.state.epoch < tr.epochs:

@@ -25,6 +25,16 @@ def torchrun(*args, nproc=2, extra=()):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def sigterm_once_logged(cmd, log, text):
+    """Start ``cmd``, send its process SIGTERM once ``log`` shows ``text``; its output when it ends."""
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and text in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    return proc, proc.communicate(timeout=120)[0]
+
+
 def weights(path):
     return torch.load(path, weights_only=True)
 
@@ -160,13 +170,7 @@ def test_sigterm_saves_and_a_resumed_run_ends_where_an_uninterrupted_one_does(tm
     # with loader workers; the signal goes to the main process (a group-wide one, as SLURM sends,
     # can kill a worker first and crash the loader: see docs/reliability.md)
     cmd = [sys.executable, "train.py", *common, f"hydra.run.dir={tmp_path}/stopped", "data.num_workers=2"]
-    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = tmp_path / "stopped/train.log"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and "step 3/60" in log.read_text()):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    proc, output = sigterm_once_logged(cmd, tmp_path / "stopped/train.log", "step 3/60")
     assert proc.returncode == 0, output[-2000:]
     assert "stopped by SIGTERM" in output and "trainer.resume=auto" in output
     stopped = weights(tmp_path / "stopped/checkpoints/last.pt")
@@ -183,13 +187,7 @@ def test_sigterm_ends_a_local_sweep_not_only_its_current_job(tmp_path):
     the running job and ends the sweep (exit 143) instead of starting the next job."""
     cmd = [sys.executable, "train.py", "-m", "seed=0,1", "debug=fast", *SYNTHETIC, "trainer.max_steps=200",
            "trainer.epochs=30", "data.batch_size=8", "trainer.threads=2", f"paths.log_dir={tmp_path}", "run_name=sw"]
-    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = tmp_path / "train/multiruns/sw/0/train.log"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and "step 3/200" in log.read_text()):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    proc, output = sigterm_once_logged(cmd, tmp_path / "train/multiruns/sw/0/train.log", "step 3/200")
     assert proc.returncode == 143, output[-2000:]
     assert "stopped by SIGTERM" in output and "the sweep stops here" in output
     assert not (tmp_path / "train/multiruns/sw/1").exists()

@@ -16,8 +16,8 @@ from omegaconf import MISSING
 from torch import nn
 
 from shd_vision.distill.base import Method, Needs, TermConfig, register, upcast
-from shd_vision.distill.mapping import align_tokens, resolve_pairs, select_tokens
-from shd_vision.models.taps import Capture, token_layout, vit_blocks
+from shd_vision.distill.mapping import align_tokens, method_pairs, select_tokens
+from shd_vision.models.taps import Capture, token_layout
 
 
 @dataclass
@@ -33,9 +33,7 @@ class FitNet(Method):
 
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
-        s_blocks, t_blocks = vit_blocks(student, "student"), vit_blocks(teacher, "teacher")
-        layers = cfg.layers if isinstance(cfg.layers, str) else list(cfg.layers)
-        self.pairs = resolve_pairs(layers, len(s_blocks), len(t_blocks), "kd.terms.fitnet.layers")
+        self.pairs = method_pairs(cfg.layers, student, teacher, "kd.terms.fitnet.layers")
         self.projectors = nn.ModuleList(nn.Linear(student.embed_dim, teacher.embed_dim) for _ in self.pairs)
         self.student_layout, self.teacher_layout = token_layout(student), token_layout(teacher)
 

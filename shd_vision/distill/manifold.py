@@ -18,8 +18,8 @@ from torch import Tensor
 
 from shd_vision.config import at_least
 from shd_vision.distill.base import Method, Needs, TermConfig, register, upcast
-from shd_vision.distill.mapping import patch_tokens, resolve_pairs
-from shd_vision.models.taps import Capture, token_layout, vit_blocks
+from shd_vision.distill.mapping import method_pairs, patch_tokens
+from shd_vision.models.taps import Capture, token_layout
 
 __all__ = ["manifold_relations", "random_relation", "Manifold"]
 
@@ -73,9 +73,7 @@ class Manifold(Method):
 
     def __init__(self, cfg: Any, student, teacher):
         super().__init__(cfg, student, teacher)
-        s_blocks, t_blocks = vit_blocks(student, "student"), vit_blocks(teacher, "teacher")
-        layers = cfg.layers if isinstance(cfg.layers, str) else list(cfg.layers)
-        self.pairs = resolve_pairs(layers, len(s_blocks), len(t_blocks), "kd.terms.manifold.layers")
+        self.pairs = method_pairs(cfg.layers, student, teacher, "kd.terms.manifold.layers")
         self.student_layout, self.teacher_layout = token_layout(student), token_layout(teacher)
 
     def needs(self) -> Needs:

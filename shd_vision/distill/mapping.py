@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shd_vision.errors import UserError
-from shd_vision.models.taps import TokenLayout
+from shd_vision.models.taps import TokenLayout, vit_blocks
 
 
 def layer_pairs(student_depth: int, teacher_depth: int, mode: str = "uniform") -> List[Tuple[int, int]]:
@@ -53,6 +53,12 @@ def resolve_pairs(spec: Any, student_depth: int, teacher_depth: int, key: str) -
     if not pairs:
         raise UserError(f"{key} is an empty list; give at least one [student_block, teacher_block] pair.")
     return pairs
+
+
+def method_pairs(layers: Any, student: Any, teacher: Any, key: str) -> List[Tuple[int, int]]:
+    """The block pairs a method's ``layers`` setting names, checked against both ViTs' depths."""
+    spec = layers if isinstance(layers, str) else list(layers)
+    return resolve_pairs(spec, len(vit_blocks(student, "student")), len(vit_blocks(teacher, "teacher")), key)
 
 
 def kept_tokens(layout: TokenLayout, other: TokenLayout) -> Optional[Tensor]:

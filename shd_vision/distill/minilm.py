@@ -18,10 +18,10 @@ from torch import Tensor
 
 from shd_vision.config import at_least
 from shd_vision.distill.base import Method, Needs, TermConfig, register, upcast
-from shd_vision.distill.mapping import align_maps, resolve_pairs, select_tokens
+from shd_vision.distill.mapping import align_maps, method_pairs, select_tokens
 from shd_vision.distill.shd import attention_kl_rows
 from shd_vision.errors import UserError
-from shd_vision.models.taps import Capture, token_layout, vit_blocks
+from shd_vision.models.taps import Capture, token_layout
 
 __all__ = ["relation_kl", "relation_scores", "MiniLM"]
 
@@ -82,9 +82,7 @@ class MiniLM(Method):
         if bad or not cfg.relations:
             raise UserError(f"kd.terms.minilm.relations={list(cfg.relations)} is invalid; give a "
                             f"non-empty list drawn from {', '.join(RELATIONS)}.")
-        s_blocks, t_blocks = vit_blocks(student, "student"), vit_blocks(teacher, "teacher")
-        layers = cfg.layers if isinstance(cfg.layers, str) else list(cfg.layers)
-        self.pairs = resolve_pairs(layers, len(s_blocks), len(t_blocks), "kd.terms.minilm.layers")
+        self.pairs = method_pairs(cfg.layers, student, teacher, "kd.terms.minilm.layers")
         check_relation_heads(cfg.relation_heads, student.embed_dim, teacher.embed_dim)
         self.student_layout, self.teacher_layout = token_layout(student), token_layout(teacher)
 

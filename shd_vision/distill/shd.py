@@ -27,7 +27,7 @@ from torch import Tensor
 
 from shd_vision.config import greater_than, one_of
 from shd_vision.distill.base import Method, Needs, TermConfig, register, upcast
-from shd_vision.distill.mapping import align_maps, layer_pairs, resolve_pairs, select_tokens
+from shd_vision.distill.mapping import align_maps, layer_pairs, method_pairs, select_tokens
 from shd_vision.errors import UserError
 from shd_vision.models.taps import AttentionRecord, Capture, TokenLayout, token_layout, vit_blocks
 
@@ -275,8 +275,7 @@ class SHD(Method):
     def __init__(self, cfg: Any, student, teacher):
         super().__init__(cfg, student, teacher)
         s_blocks, t_blocks = vit_blocks(student, "student"), vit_blocks(teacher, "teacher")
-        layers = cfg.layers if isinstance(cfg.layers, str) else list(cfg.layers)
-        self.pairs = resolve_pairs(layers, len(s_blocks), len(t_blocks), "kd.terms.shd.layers")
+        self.pairs = method_pairs(cfg.layers, student, teacher, "kd.terms.shd.layers")
         self.heads = {}
         for s, t in self.pairs:
             hs, ht = s_blocks[s].attn.num_heads, t_blocks[t].attn.num_heads

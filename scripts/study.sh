@@ -23,7 +23,7 @@ bash scripts/install.sh
 py=.venv/bin/python
 logs=$(realpath -m "${STUDY_LOGS:-logs}")
 root=$logs/${prefix}_study/multiruns
-if [ "$prefix" = digits ] && [ ! -f $logs/teachers/vit_digits_teacher/checkpoints/best.pt ]; then
+if [ "$prefix" = digits ] && [ ! -f $logs/teachers/vit_digits_teacher/summary.json ]; then
   $py train.py experiment=digits_teacher trainer.resume=auto paths.log_dir=$logs "$@"
 fi
 run() { $py train.py -m experiment=${prefix}_study trainer.resume=auto paths.log_dir=$logs "$@"; }

@@ -203,9 +203,13 @@ def write_csv(keys: List[str], rows: List[Dict[str, Any]], path: Path) -> None:
 
 
 def curves(keys: List[str], rows: List[Dict[str, Any]], path: Path, title: str) -> Path:
-    """Validation top-1 per epoch for every row: the mean over its seeds and a ± std band."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
+    """Validation top-1 per epoch for every row: the mean over its seeds and a ± std band, the whole
+    run and (right) its second half zoomed, where converged rows differ by a few tenths. Ten colours,
+    then the same colours dashed, so that a 13-row study has no two rows alike."""
+    fig, (whole, end) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1.3]})
+    colours, styles = plt.get_cmap("tab10").colors, ["-", "--", ":"]
+    last_epoch, late = 0.0, []
+    for i, r in enumerate(rows):
         per_epoch: Dict[float, List[float]] = {}
         for run in r["runs"]:
             for rec in run.records:
@@ -213,11 +217,22 @@ def curves(keys: List[str], rows: List[Dict[str, Any]], path: Path, title: str) 
                     per_epoch.setdefault(rec["epoch"], []).append(rec["top1"])
         epochs = sorted(per_epoch)
         stats = [_mean_std(per_epoch[e]) for e in epochs]
-        line, = ax.plot(epochs, [m for m, _ in stats], marker="o", ms=3, label=row_label(keys, r))
-        ax.fill_between(epochs, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(), alpha=0.15)
-    ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        mean, low, high = ([m for m, _ in stats], [m - s for m, s in stats], [m + s for m, s in stats])
+        style = dict(color=colours[i % 10], ls=styles[i // 10 % 3])
+        for ax in (whole, end):
+            ax.plot(epochs, mean, marker="o", ms=2.5, label=row_label(keys, r), **style)
+            ax.fill_between(epochs, low, high, color=style["color"], alpha=0.12)
+        last_epoch = max([last_epoch, *epochs])
+        late += [(e, lo, hi) for e, lo, hi in zip(epochs, low, high)]
+    late = [(lo, hi) for e, lo, hi in late if e >= last_epoch / 2]
+    if late:
+        end.set_xlim(last_epoch / 2, last_epoch * 1.01)
+        end.set_ylim(min(lo for lo, _ in late) - 0.5, max(hi for _, hi in late) + 0.5)
+    whole.set(xlabel="epoch", ylabel="validation top-1 (%)", title=title)
+    end.set(xlabel="epoch", title="second half, zoomed")
+    for ax in (whole, end):
+        ax.grid(alpha=0.3)
+    end.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -208,7 +208,7 @@ def curves(keys: List[str], rows: List[Dict[str, Any]], path: Path, title: str) 
     then the same colours dashed, so that a 13-row study has no two rows alike."""
     fig, (whole, end) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1.3]})
     colours, styles = plt.get_cmap("tab10").colors, ["-", "--", ":"]
-    last_epoch, late = 0.0, []
+    bands = []  # (epoch, mean - std, mean + std) of every row
     for i, r in enumerate(rows):
         per_epoch: Dict[float, List[float]] = {}
         for run in r["runs"]:
@@ -217,16 +217,16 @@ def curves(keys: List[str], rows: List[Dict[str, Any]], path: Path, title: str) 
                     per_epoch.setdefault(rec["epoch"], []).append(rec["top1"])
         epochs = sorted(per_epoch)
         stats = [_mean_std(per_epoch[e]) for e in epochs]
-        mean, low, high = ([m for m, _ in stats], [m - s for m, s in stats], [m + s for m, s in stats])
+        mean, low, high = [m for m, _ in stats], [m - s for m, s in stats], [m + s for m, s in stats]
         style = dict(color=colours[i % 10], ls=styles[i // 10 % 3])
         for ax in (whole, end):
             ax.plot(epochs, mean, marker="o", ms=2.5, label=row_label(keys, r), **style)
             ax.fill_between(epochs, low, high, color=style["color"], alpha=0.12)
-        last_epoch = max([last_epoch, *epochs])
-        late += [(e, lo, hi) for e, lo, hi in zip(epochs, low, high)]
-    late = [(lo, hi) for e, lo, hi in late if e >= last_epoch / 2]
-    if late:
-        end.set_xlim(last_epoch / 2, last_epoch * 1.01)
+        bands += zip(epochs, low, high)
+    if bands:
+        last = max(e for e, _, _ in bands)
+        late = [(lo, hi) for e, lo, hi in bands if e >= last / 2]
+        end.set_xlim(last / 2, last * 1.01)
         end.set_ylim(min(lo for lo, _ in late) - 0.5, max(hi for _, hi in late) + 0.5)
     whole.set(xlabel="epoch", ylabel="validation top-1 (%)", title=title)
     end.set(xlabel="epoch", title="second half, zoomed")

@@ -21,8 +21,8 @@ def main(cfg: DictConfig) -> float:
             and hydra_cfg.launcher._target_.endswith("BasicLauncher")):
         # this process runs the sweep's remaining jobs: a stop signal ends them too
         logging.getLogger("shd_vision").warning(
-            "the sweep stops here (%s); the rest of its jobs did not run. Rerun the same command with "
-            "trainer.resume=auto to continue it.", summary["reason"])
+            "the sweep stops here (%s); the rest of its jobs did not run. Continue it (unfinished jobs "
+            "resume, finished ones are skipped) with:\n%s", summary["reason"], cli.continue_command(cfg.run_name))
         raise SystemExit(143)
     return summary["top1"]
 

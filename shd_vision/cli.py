@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import textwrap
-from typing import Any, Callable, NoReturn
+import traceback
+from typing import Any, Callable, List, NoReturn, Tuple
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import MissingConfigException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import shd_vision.config  # noqa: F401  (registers the schemas and resolvers Hydra composes with)
@@ -15,26 +19,82 @@ from shd_vision.data.datasets import UnreadableImage, unreadable_message
 from shd_vision.errors import UserError
 
 _task_started = False
+_sweep_jobs: List[str] = []  # "job N (overrides)" of every sweep job this process ran
+_failed_jobs: List[Tuple[str, str, bool]] = []  # (job, one-line reason, whether it was the user's mistake)
+_continue = ""  # the command that continues the sweep in progress
 
 
-def fail(message: str) -> NoReturn:
-    """Print ``message`` as one wrapped paragraph and exit with status 2."""
+class JobFailed(Exception):
+    """A sweep job's failure, handed to Hydra so that the sweep's other jobs still run."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``message`` as one wrapped paragraph and exit with status ``code``."""
     text = " ".join(message.split())
     sys.stderr.write(textwrap.fill(f"error: {text}", width=100, break_on_hyphens=False, break_long_words=False) + "\n")
-    sys.exit(2)
+    sys.exit(code)
+
+
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """The body of a ``@hydra.main`` function: run ``task``, reporting user errors."""
-    global _task_started
+    """The body of a ``@hydra.main`` function: run ``task``, reporting user errors. In a sweep a
+    failing job (a user error or an exception) is reported and recorded, and the others run."""
+    global _task_started, _continue
     _task_started = True
+    job = _job_name() if in_sweep() else ""
+    if job:
+        _sweep_jobs.append(job)
+        _continue = continue_command(cfg.run_name)
     try:
         return task(cfg)
     except UnreadableImage as e:  # outside training (eval.py); a worker's copy carries its traceback
-        fail(f"{unreadable_message(e)}. Replace or delete it, or set data.skip_bad_images=true; "
-             "python -m shd_vision.data.check lists every unreadable file of a data set.")
+        message, user = (f"{unreadable_message(e)}. Replace or delete it, or set data.skip_bad_images=true; "
+                         "python -m shd_vision.data.check lists every unreadable file of a data set."), True
     except UserError as e:
-        fail(str(e))
+        message, user = str(e), True
+    except Exception as e:
+        if not job:
+            raise
+        traceback.print_exc()
+        message, user = f"{type(e).__name__}: {e}", False
+    if not job:
+        fail(message)
+    sys.stderr.write(textwrap.fill(f"error in sweep {job}: {' '.join(message.split())}", width=100,
+                                   break_on_hyphens=False, break_long_words=False) + "\n")
+    _failed_jobs.append((job, _one_line(message), user))
+    raise JobFailed(f"{job}: {message}")
+
+
+def _job_name() -> str:
+    """``job N (the overrides that set it apart from the command line)``."""
+    hc = HydraConfig.get()
+    own = [o for o in hc.overrides.task if o not in sys.argv]
+    return f"job {hc.job.num}" + (f" ({' '.join(own)})" if own else "")
+
+
+def _one_line(message: str, limit: int = 160) -> str:
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def continue_command(run_name: str) -> str:
+    """The command that continues this sweep: its own arguments, its run name (which names its
+    directory), and ``trainer.resume=auto``, which resumes unfinished jobs and skips finished ones."""
+    args = [a for a in sys.argv[1:] if not a.startswith(("run_name=", "trainer.resume="))]
+    return "python " + shlex.join([sys.argv[0], *args, f"run_name={run_name}", "trainer.resume=auto"])
+
+
+def _sweep_report() -> None:
+    """After a sweep: one paragraph naming each failed job, and a non-zero exit (2 when every
+    failure was a user error, 1 when a job crashed)."""
+    listed = "; ".join(f"{job}: {reason}" for job, reason, _ in _failed_jobs)
+    fail(f"{len(_failed_jobs)} of {len(_sweep_jobs)} sweep jobs failed, the others ran to their end. "
+         f"Failed: {listed}. Fix the cause, then continue the sweep (failed and unfinished jobs run, "
+         f"finished ones are skipped) with: {_continue}",
+         code=2 if all(user for _, _, user in _failed_jobs) else 1)
 
 
 def _describe(e: BaseException) -> str:
@@ -56,6 +116,10 @@ def main(entry: Callable[[], Any]) -> None:
     try:
         entry()
     except Exception as e:
+        if _failed_jobs:  # Hydra re-raises a failed sweep job's error once every job has run
+            _sweep_report()
         if _task_started:  # a failure inside the run itself keeps its traceback
             raise
         fail(_describe(e))
+    if _failed_jobs:  # sweepers that record failures and go on (Optuna)
+        _sweep_report()

@@ -84,6 +84,7 @@ class DataConfig:
     name: str = MISSING  # fashion_mnist, digits, synthetic, imagefolder, hfds/<dataset>, wds/<name>
     root: Optional[str] = None
     num_classes: Optional[int] = greater_than(0, None)
+    class_map: Optional[str] = None  # timm's class map (one class name per line): the class order
     train_split: str = MISSING
     val_split: str = MISSING
     train_size: Optional[int] = greater_than(0, None)
@@ -160,11 +161,13 @@ class TrainerConfig:
     log_every: int = greater_than(0)
     ckpt_every_steps: int = at_least(0)
     resume: Optional[str] = None
+    init_from: Optional[str] = None
     threads: Optional[int] = greater_than(0, None)
     dist_backend: str = one_of("auto", "nccl", "gloo", default="auto")
     export: bool = MISSING
     attention_images: int = at_least(0)
     eval_teacher: bool = MISSING
+    teacher_floor: float = at_least(0.0, 2.0)
     allow_random_teacher: bool = MISSING
     ema: EmaConfig = field(default_factory=EmaConfig)
 
@@ -321,8 +324,10 @@ def run_stamp() -> str:
     A SLURM job is named by its id, which a requeued job keeps (``trainer.resume=auto`` then
     finds the checkpoints of the attempt before). A multi-node torchrun launch is named by its
     rendezvous id (``--rdzv-id``, the same on every node). On one node, torchrun workers are
-    children of one agent process, which outlives worker restarts, so its start time names the
-    launch. Elsewhere it is the current time.
+    children of one agent process, which outlives worker restarts, so its start time and pid name
+    the launch. Elsewhere it is the current time and this process's pid: two launches on one
+    machine never share a name, even in the same second (a job array, a shell loop with ``&``).
+    The run directory's lock (``engine/identity.py``) refuses any launch into a held directory.
     """
     env = os.environ
     if "SLURM_JOB_ID" in env:
@@ -334,8 +339,8 @@ def run_stamp() -> str:
     if "TORCHELASTIC_RUN_ID" in env:
         started = _process_start_time(os.getppid())
         if started is not None:
-            return started.strftime("%Y-%m-%d_%H-%M-%S")
-    return _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+            return f"{started:%Y-%m-%d_%H-%M-%S}_{os.getppid()}"
+    return f"{_dt.datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}"
 
 
 def _process_start_time(pid: int) -> Optional[_dt.datetime]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import debug_args, run_cli
-from shd_vision.config import PROJECT_ROOT, run_stamp
+from shd_vision.config import PROJECT_ROOT, _process_start_time, run_stamp
 from shd_vision.engine.runtime import cluster_env
 
 SYNTHETIC = ["data=synthetic", "data.train_size=128", "data.val_size=32", "trainer.threads=1", "kd=none",
@@ -145,8 +145,8 @@ def test_a_multi_node_torchrun_launch_is_named_by_its_rendezvous_id(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert run_stamp() == "torchrun-exp7"  # the same on every node
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # one node: the agent's start time, as a timestamp
-    assert run_stamp() != "torchrun-exp7" and len(run_stamp()) == len("2026-01-01_00-00-00")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # one node: the agent's start time and pid
+    assert run_stamp() == f"{_process_start_time(os.getppid()):%Y-%m-%d_%H-%M-%S}_{os.getppid()}"
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def test_teacher_loads_every_weight_file_layout(tmp_path, layout):
         obj = {"plain": sd, "state_dict": {"state_dict": sd, "epoch": 3}, "model": {"model": sd},
                "ema": {"model": {k: v * 0 for k, v in sd.items()}, "model_ema": sd}}[layout]
         torch.save(obj, path)
-    teacher, norm = create_teacher({**TINY, "checkpoint": str(path), "use_ema": layout == "ema"}, 10, False)
+    teacher, norm, _ = create_teacher({**TINY, "checkpoint": str(path), "use_ema": layout == "ema"}, 10, False)
     assert all(torch.equal(a, b) for a, b in zip(sd.values(), teacher.state_dict().values()))
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     assert norm == ((0.5,), (0.5,))  # timm's config for this ViT (no shd-vision metadata in the file)
@@ -59,8 +59,9 @@ def test_teacher_checkpoint_errors_are_user_errors(tmp_path):
 
 def test_missing_teacher_is_random_only_when_allowed(tmp_path, caplog):
     spec = {**TINY, "checkpoint": str(tmp_path / "missing.pt")}
-    teacher, _ = create_teacher(spec, 10, allow_random=True)
+    teacher, _, source = create_teacher(spec, 10, allow_random=True)
     assert "RANDOMLY INITIALISED TEACHER" in caplog.text and teacher.num_classes == 10
+    assert source.startswith("random")
 
 
 def test_teacher_sees_the_batch_in_its_own_normalisation_channels_and_size():

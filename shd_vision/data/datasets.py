@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from timm.data import IterableImageDataset, create_dataset
+from timm.data.readers.reader_wds import ReaderWds
 
 from shd_vision.errors import UserError
 
@@ -106,12 +107,35 @@ class TimmImages(Dataset):
 
     channels = 3  # every image is converted to RGB, as timm's readers do
 
-    def __init__(self, name: str, root: str, split: str):
-        self.reader = create_dataset(name, root=root, split=split, search_split=False).reader
+    def __init__(self, name: str, root: str, split: str, class_map: Optional[str] = None,
+                 num_classes: Optional[int] = None):
+        self.reader = create_dataset(name, root=root, split=split, search_split=False, class_map=class_map).reader
         self.where = f"{name or root}[{split}]"
         to_idx = getattr(self.reader, "class_to_idx", None) or getattr(self.reader, "class_name_to_idx", {})  # tar
         self.classes = [c for c, _ in sorted(to_idx.items(), key=lambda kv: kv[1])]
+        self.numbered = not self.classes  # labels without names: classes "0".."C-1"
+        if self.numbered:
+            self.classes = self._numbered_classes(num_classes)
         self.transform: Optional[Callable] = None
+
+    def _numbered_classes(self, num_classes: Optional[int]) -> List[str]:
+        """Class names ``0 .. C-1`` for labels that carry no names (a Hugging Face label column of
+        plain integers, as after a parquet round trip): C is ``data.num_classes`` or the largest
+        label plus one."""
+        dataset, key = getattr(self.reader, "dataset", None), getattr(self.reader, "label_key", "label")
+        labels = list(dataset[key]) if dataset is not None and key in dataset.column_names else []
+        kind = dataset.features[key] if labels else "no"
+        if not labels or not all(isinstance(v, int) and v >= 0 for v in labels):
+            raise UserError(
+                f"data.name={self.where}: the label column '{key}' holds {kind} values, which are neither "
+                "class labels with names nor class indices 0..C-1. Cast it before saving, e.g. "
+                f"dataset.cast_column('{key}', datasets.ClassLabel(names=[...])), or map its values to "
+                "integers 0..C-1 (then data.num_classes=C, or the largest label + 1, gives the count).")
+        top = max(labels) + 1
+        if num_classes is not None and num_classes < top:
+            raise UserError(f"data.num_classes={num_classes} but the label column '{key}' of {self.where} "
+                            f"holds label {top - 1}; set data.num_classes to at least {top}, or null.")
+        return [str(c) for c in range(num_classes or top)]
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -129,7 +153,7 @@ class TimmImages(Dataset):
         return (self.transform(image) if self.transform else image), int(target)
 
 
-def image_folder(root: str, split: str) -> TimmImages:
+def image_folder(root: str, split: str, class_map: Optional[str] = None) -> TimmImages:
     """``root/<split>/<class>/<image>`` (the ImageNet layout) or ``root/<split>.tar`` (the same
     layout inside a tar archive), read by timm's folder and tar readers."""
     layout = ("expected the ImageNet layout: data.root/train/<class>/<images> and "
@@ -142,20 +166,27 @@ def image_folder(root: str, split: str) -> TimmImages:
     if source is None:
         raise UserError(f"data.root={root} has no '{split}' folder or '{split}.tar'; {layout}.")
     try:
-        images = TimmImages("", str(source), split)
+        images = TimmImages("", str(source), split, class_map)
     except (RuntimeError, OSError) as e:  # timm: "Found 0 images in subfolders of ..."; a broken tar
         images, problem = None, (str(e).strip().splitlines() or [""])[0]
     if images is None or not len(images):
         raise UserError(f"data.root={root}: {source.name} holds no images in class folders"
                         f"{f' ({problem})' if images is None else ''}; {layout}.")
+    unlisted = sorted({p.name for p in source.iterdir() if p.is_dir()} - set(images.classes)) if (
+        class_map and source.is_dir()) else []
+    if unlisted:  # timm's reader would drop their images without a word
+        raise UserError(f"data.class_map={class_map} does not list the class folders {', '.join(unlisted[:5])}"
+                        f"{' ...' if len(unlisted) > 5 else ''} of {source}; list every class folder, one "
+                        "name per line in the teacher's order.")
     return images
 
 
-def hf_dataset(name: str, root: Optional[str], split: str) -> TimmImages:
+def hf_dataset(name: str, root: Optional[str], split: str, class_map: Optional[str] = None,
+               num_classes: Optional[int] = None) -> TimmImages:
     """A Hugging Face dataset (``hfds/<hub name or local directory>``) through timm's reader, from
     the hub cache or a local directory (``HF_DATASETS_OFFLINE=1`` keeps it off the network)."""
     try:
-        return TimmImages(name, root, split)
+        return TimmImages(name, root, split, class_map, num_classes)
     except (FileNotFoundError, ValueError, ConnectionError, KeyError) as e:
         raise UserError(f"data.name={name}: the Hugging Face dataset could not be read for split "
                         f"'{split}' ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}). Give "
@@ -164,16 +195,46 @@ def hf_dataset(name: str, root: Optional[str], split: str) -> TimmImages:
                         "data.val_split and image and label columns.") from None
 
 
+class ShardReader(ReaderWds):
+    """timm's WebDataset reader with epochs that never repeat a sample.
+
+    timm gives every process and loader worker the same number of samples per epoch and repeats
+    a worker's shards to fill it, so an epoch can count a sample twice and miss others. Here a
+    training epoch streams ``per_worker`` samples per worker (set by the loaders: at most what the
+    worker with the fewest samples holds), and validation streams exactly the samples of each
+    worker's own shards, so every validation sample counts once for any number of processes,
+    workers and shards.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.per_worker = 0
+
+    def _worker_samples(self, worker: int, workers: int) -> int:
+        return sum(self.split_info.shard_lengths[worker::workers])
+
+    def _num_samples_per_worker(self) -> int:  # called by timm inside each worker
+        if self.is_training:
+            return self.per_worker
+        return self._worker_samples(self.global_worker_id, self.global_num_workers)
+
+    def __len__(self) -> int:  # this process's samples
+        if self.is_training:
+            return self.per_worker * self.num_workers
+        first, workers = self.dist_rank * self.num_workers, self.dist_num_replicas * self.num_workers
+        return sum(self._worker_samples(w, workers) for w in range(first, first + self.num_workers))
+
+
 def webdataset(name: str, root: Optional[str], split: str, training: bool, batch_size: int,
-               num_classes: Optional[int], num_samples: Optional[int] = None) -> IterableImageDataset:
+               num_classes: Optional[int], class_map: Optional[str] = None) -> IterableImageDataset:
     """WebDataset shards (``wds/<name>``) through timm's reader: ``root`` holds the ``.tar`` shards
     and ``_info.json`` (per split: ``num_samples``, ``filenames``, ``shard_lengths``; optionally
     ``classes``, the class names). Samples are ``<key>.jpg|png|webp`` with ``<key>.cls``.
 
     An iterable data set: timm splits the shards over processes and loader workers, shuffles
     shards by epoch and samples in a buffer; a sample PIL cannot decode is skipped by timm with a
-    warning (``data.skip_bad_images`` does not apply). ``num_samples`` caps an epoch (timm's
-    ``num_samples``: the first samples of each worker's stream, not a fixed subset).
+    warning (``data.skip_bad_images`` does not apply). Epochs are planned by the loaders
+    (:class:`ShardReader`).
     """
     layout = ("data.root must hold the shards and an _info.json naming them per split, e.g. "
               '{"splits": {"train": {"name": "train", "num_samples": 1000, "filenames": ["train-0000.tar"], '
@@ -186,11 +247,13 @@ def webdataset(name: str, root: Optional[str], split: str, training: bool, batch
     if not root or not ((Path(root) / "_info.json").is_file() or (Path(root) / "info.json").is_file()):
         raise UserError(f"data.root={root} has no _info.json; {layout}.")
     try:
-        ds = create_dataset(name, root=root, split=split, is_training=training, batch_size=batch_size,
-                            num_samples=num_samples)
+        reader = ShardReader(root=root, name=name, split=split, is_training=training, batch_size=batch_size,
+                             class_map=class_map)
     except KeyError:
         raise UserError(f"data.root={root}: _info.json has no split '{split}'; {layout}.") from None
-    classes = ds.reader.info.get("classes")
+    ds = IterableImageDataset(root, reader=reader, split=split, is_training=training, batch_size=batch_size)
+    classes = ([c for c, _ in sorted(reader.class_to_idx.items(), key=lambda kv: kv[1])] if class_map
+               else ds.reader.info.get("classes"))
     if classes is None and num_classes is None:
         raise UserError(f"data.name={name}: the shards' _info.json lists no classes; set data.num_classes "
                         "or add a \"classes\" list of names to _info.json.")

@@ -34,6 +34,11 @@ log = logging.getLogger("shd_vision.data")
 
 def open_split(cfg: DictConfig, split: str) -> Dataset:
     """One split of the data set ``cfg`` names, without transforms (they depend on the model)."""
+    timm_reader = cfg.name == "imagefolder" or cfg.name.startswith(("hfds/", "wds/"))
+    class_map = cfg.get("class_map")
+    if class_map and not timm_reader:
+        raise UserError(f"data.class_map={class_map} orders the classes of timm's readers (data=imagefolder, "
+                        f"hfds or wds); data.name={cfg.name} has a fixed class order, remove it.")
     if cfg.name == "fashion_mnist":
         return datasets.fashion_mnist(cfg.root, split)
     if cfg.name == "digits":
@@ -42,13 +47,12 @@ def open_split(cfg: DictConfig, split: str) -> Dataset:
         if not cfg.root:
             raise UserError("data.root is not set; point it at a folder in the ImageNet layout: "
                             "data.root/train/<class>/<images> and data.root/val/<class>/<images>.")
-        return datasets.image_folder(cfg.root, split)
+        return datasets.image_folder(cfg.root, split, class_map)
     if cfg.name.startswith("hfds/"):
-        return datasets.hf_dataset(cfg.name, cfg.root, split)
+        return datasets.hf_dataset(cfg.name, cfg.root, split, class_map, cfg.num_classes)
     if cfg.name.startswith("wds/"):
-        training = split == cfg.train_split
-        return datasets.webdataset(cfg.name, cfg.root, split, training, cfg.batch_size, cfg.num_classes,
-                                   cfg.train_size if training else None)
+        return datasets.webdataset(cfg.name, cfg.root, split, split == cfg.train_split, cfg.batch_size,
+                                   cfg.num_classes, class_map)
     if cfg.name != "synthetic":
         raise UserError(f"data.name={cfg.name} is not a data set shd-vision reads; use fashion_mnist, digits, "
                         "synthetic, imagefolder (a folder or tar archives per split), hfds/<Hugging Face "
@@ -71,6 +75,8 @@ def open_splits(cfg: DictConfig) -> Tuple[Dataset, Dataset, List[str]]:
     if cfg.holdout:
         return _carve(cfg, train, open_split(cfg, cfg.train_split))
     val = open_split(cfg, cfg.val_split)
+    if getattr(train, "numbered", False) and getattr(val, "numbered", False):  # the larger label range names both
+        train.classes = val.classes = max(train.classes, val.classes, key=len)
     if train.classes != val.classes:
         raise UserError(f"data.root={cfg.root}: the {cfg.train_split} and {cfg.val_split} splits have "
                         "different classes; both need the same class folders.")
@@ -132,8 +138,10 @@ def _permutation(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))
 
 
-def _subset(ds: Dataset, size: Optional[int]) -> Dataset:
-    """The first ``size`` items of the fixed permutation."""
+def _subset(ds: Dataset, size: Optional[int], key: str) -> Dataset:
+    """The first ``size`` items of the fixed permutation; a size beyond the split is capped, saying so."""
+    if size is not None and size > len(ds):
+        log.warning("%s=%d is more than the %d images of the split: it uses all %d", key, size, len(ds), len(ds))
     if size is None or size >= len(ds):
         return ds
     return Subset(ds, sorted(_permutation(len(ds))[:size].tolist()))
@@ -167,6 +175,13 @@ class SkipBadImages(Dataset):
         if self.record is not None:
             with open(self.record, "a") as f:
                 f.write(message + "\n")
+
+
+def random_labels(ds: Dataset) -> bool:
+    """Whether a split's labels are random (the synthetic set), so no model can beat chance on it."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return isinstance(ds, datasets.SyntheticDataset)
 
 
 def bad_images(record: Path) -> List[str]:
@@ -275,6 +290,9 @@ class Data:
     targets: BatchTargets
     classes: List[str]
     input: Dict[str, Any]  # input_size, mean, std, interpolation, crop_pct (saved in checkpoints)
+    train_images: int  # an epoch's training images, over all processes
+    val_images: int  # the validation images, over all processes (each counted once)
+    stream_workers: Optional[int] = None  # a stream's processes x loader workers, which shape its epochs
 
     def epoch(self, epoch: int, done: int) -> Iterator[Any]:
         """The training batches of ``epoch`` after the first ``done`` (a resumed epoch)."""
@@ -295,7 +313,7 @@ def _prepare(ds: Dataset, cfg: DictConfig, data_cfg: Dict[str, Any], training: b
 
 def _stream_options(cfg: DictConfig) -> None:
     """Map-style options an iterable reader (WebDataset) cannot honour are refused, not ignored;
-    ``data.train_size`` caps its epochs instead (timm's ``num_samples``)."""
+    ``data.train_size`` caps its epochs instead (:func:`_plan_stream_epoch`)."""
     given = [f"data.{k}={cfg[k]}" for k in ("holdout", "repeated_aug", "skip_bad_images") if cfg[k]]
     if given:
         raise UserError(f"{', '.join(given)}: WebDataset shards are read as a stream, which has no "
@@ -315,11 +333,16 @@ def build_val_loader(cfg: DictConfig, val: Dataset, data_cfg: Dict[str, Any],
         _stream_options(cfg)
         val.set_loader_cfg(num_workers=cfg.num_workers)
         return DataLoader(val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-                          num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, generator=_own_generator())
-    val = _guard(_subset(val, cfg.val_size), cfg, bad_record)
+                          num_workers=cfg.num_workers, pin_memory=_pin(cfg), generator=_own_generator())
+    val = _guard(_subset(val, cfg.val_size, "data.val_size"), cfg, bad_record)
     return DataLoader(val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                       sampler=ShardSampler(len(val), rank, world), num_workers=cfg.num_workers,
-                      pin_memory=cfg.pin_memory, generator=_own_generator())
+                      pin_memory=_pin(cfg), generator=_own_generator())
+
+
+def _pin(cfg: DictConfig) -> bool:
+    """``data.pin_memory`` where there is a GPU to copy to (PyTorch warns on every CPU-only run)."""
+    return cfg.pin_memory and torch.cuda.is_available()
 
 
 def _own_generator() -> torch.Generator:
@@ -336,7 +359,7 @@ def build_data(cfg: DictConfig, splits: Tuple[Dataset, Dataset, Sequence[str]], 
     _prepare(train, cfg, data_cfg, training=True)
     if isinstance(train, IterableDataset):
         return _stream_data(cfg, train, val, classes, data_cfg, seed, rank, world)
-    train = _guard(_subset(train, cfg.train_size), cfg, bad_record)
+    train = _guard(_subset(train, cfg.train_size, "data.train_size"), cfg, bad_record)
     if cfg.repeated_aug > 1:
         base = RepeatAugSampler(train, num_replicas=world, rank=rank, num_repeats=cfg.repeated_aug)
     else:
@@ -347,10 +370,11 @@ def build_data(cfg: DictConfig, splits: Tuple[Dataset, Dataset, Sequence[str]], 
         raise UserError(f"data.batch_size={cfg.batch_size} is larger than this process's share of "
                         f"the training set ({len(sampler)} images); lower it or use more data.")
     train_loader = DataLoader(SeededItems(train), batch_size=cfg.batch_size, sampler=sampler,
-                              num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, drop_last=True,
+                              num_workers=cfg.num_workers, pin_memory=_pin(cfg), drop_last=True,
                               generator=_own_generator())
     val_loader = build_val_loader(cfg, val, data_cfg, rank, world, bad_record)
-    return Data(train_loader, val_loader, sampler, BatchTargets(cfg, len(classes)), list(classes), data_cfg)
+    return Data(train_loader, val_loader, sampler, BatchTargets(cfg, len(classes)), list(classes), data_cfg,
+                len(train), len(val_loader.dataset))
 
 
 class StreamEpochs:
@@ -377,14 +401,48 @@ def _stream_data(cfg: DictConfig, train: IterableDataset, val: Dataset, classes:
     _stream_options(cfg)
     train.reader.common_seed = seed  # timm's shard order follows the run's seed, not its default 42
     train.set_loader_cfg(num_workers=cfg.num_workers)
-    loader = DataLoader(train, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+    _plan_stream_epoch(cfg, train.reader, world)
+    loader = DataLoader(train, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=_pin(cfg),
                         drop_last=True, generator=_own_generator())
-    if len(loader) == 0:
-        raise UserError(f"data.batch_size={cfg.batch_size} is larger than this process's share of the "
-                        f"shards ({len(train)} samples); lower it or write more samples.")
     val_loader = build_val_loader(cfg, val, data_cfg, rank, world)
     return Data(loader, val_loader, StreamEpochs(loader, seed, rank), BatchTargets(cfg, len(classes)),
-                list(classes), data_cfg)
+                list(classes), data_cfg, train.reader.per_worker * world * cfg.num_workers,
+                val.reader.split_info.num_samples, world * cfg.num_workers)
+
+
+def _plan_stream_epoch(cfg: DictConfig, reader: datasets.ShardReader, world: int) -> None:
+    """A training epoch of a stream in which no sample comes twice.
+
+    Each of the ``world x data.num_workers`` loader workers streams whole shards (a new draw of
+    them every epoch) and the same number of samples, so the epoch takes from each worker as many
+    whole batches as the worker with the fewest samples holds, within ``data.train_size``.
+    """
+    workers, lengths = world * cfg.num_workers, sorted(reader.split_info.shard_lengths)
+    total = reader.split_info.num_samples
+    if len(lengths) < workers:
+        raise UserError(
+            f"data.root={cfg.root}: the {cfg.train_split} split has {len(lengths)} shard(s), fewer than the "
+            f"{workers} loader workers that read whole shards ({world} process(es) x data.num_workers="
+            f"{cfg.num_workers}), so some would have none. Write at least {workers} shards (of equal size, "
+            "a multiple of processes x workers, every sample is used each epoch) or lower data.num_workers.")
+    wanted = total
+    if cfg.train_size is not None and cfg.train_size > total:
+        log.warning("data.train_size=%d is more than the %d samples of the %s split: it uses all %d",
+                    cfg.train_size, total, cfg.train_split, total)
+    elif cfg.train_size is not None:
+        wanted = cfg.train_size
+    fewest = sum(lengths[:len(lengths) // workers])  # what the unluckiest worker's draw of shards holds
+    reader.per_worker = min(fewest, wanted // workers) // cfg.batch_size * cfg.batch_size
+    if reader.per_worker == 0:
+        raise UserError(f"data.batch_size={cfg.batch_size} is larger than a loader worker's share of the "
+                        f"{cfg.train_split} shards ({min(fewest, wanted // workers)} samples over {workers} "
+                        "workers); lower it or data.num_workers, or write more samples.")
+    epoch = reader.per_worker * workers
+    if epoch < wanted:
+        log.warning("an epoch of the %s stream trains on %d of its %d samples (%d whole batches per loader "
+                    "worker, each worker streaming whole shards); equal shards, a multiple of processes x "
+                    "workers in number and size, use them all", cfg.train_split, epoch, wanted,
+                    reader.per_worker // cfg.batch_size)
 
 
 @contextlib.contextmanager

@@ -29,10 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shd_vision.config import check_config
 from shd_vision.data.datasets import UnreadableImage, unreadable_message
-from shd_vision.data.loaders import bad_images, build_data, open_splits, resolve_input
+from shd_vision.data.loaders import bad_images, build_data, open_splits, random_labels, resolve_input
 from shd_vision.distill import Batch, Distiller
 from shd_vision.distill.base import active_terms, uses_teacher
-from shd_vision.engine import runtime
+from shd_vision.engine import identity, runtime
 from shd_vision.engine.guards import LossWatch, Stop, StopSignals
 from shd_vision.engine.checkpoint import (FORMAT_VERSION, Checkpoints, export_student, load,
                                           rng_state, set_rng_state)
@@ -68,8 +68,7 @@ def train(cfg: DictConfig) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     check_config(cfg)
     rt = runtime.setup(cfg.trainer)
     try:
-        run_dir = _prepare_run_dir(cfg, rt)
-        with run_logging(run_dir, rt.is_main, "train.log"):
+        with identity.claim_run_dir(cfg, rt) as run_dir, run_logging(run_dir, rt.is_main, "train.log"):
             run = Run(cfg, rt, run_dir)
             summary = run.fit()
         objects = {"student": run.student, "distiller": run.distiller, "teacher": run.teacher,
@@ -77,29 +76,6 @@ def train(cfg: DictConfig) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         return summary, objects
     finally:
         runtime.teardown(rt)
-
-
-def _prepare_run_dir(cfg: DictConfig, rt: runtime.Runtime) -> Path:
-    """Create the run directory on rank 0, refusing to overwrite another run's checkpoints."""
-    run_dir, problem = Path(cfg.paths.output_dir).absolute(), None
-    if rt.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            problem = (f"the run directory {run_dir} is not writable ({e.strerror or e}); set "
-                       "paths.log_dir=DIR (or hydra.run.dir=DIR) to a writable place.")
-        existing = [] if problem else Checkpoints(run_dir).existing()
-        if existing and not cfg.trainer.resume:
-            problem = (f"{run_dir} already holds checkpoints ({', '.join(p.name for p in existing)}) of "
-                       "an earlier run, and they are never overwritten: continue that run with "
-                       "trainer.resume=auto, or start a new one elsewhere (run_name=NAME or hydra.run.dir=DIR).")
-    run_dir, problem = runtime.broadcast((run_dir, problem), rt)
-    if problem:
-        raise UserError(problem)
-    return run_dir
 
 
 def _sweep_name() -> Optional[str]:
@@ -126,14 +102,18 @@ class Run:
 
         splits = open_splits(cfg.data)
         self.classes = splits[2]
+        self.random_labels = random_labels(splits[1])
         self.student = create_student(cfg.model, len(self.classes))
+        self.init_from = self._init_from(tr.init_from) if tr.init_from else None
         self.data_config = resolve_input(cfg.data, self.student)
         teacher_model = norm = None
+        self.teacher_source: Optional[str] = None
         if uses_teacher(terms):
             if cfg.teacher is None:
                 raise UserError(f"kd={cfg.kd.name} distils from a teacher (terms: {', '.join(terms)}) "
                                 "but teacher is null; pick one, e.g. teacher=deit_small, or use kd=none.")
-            teacher_model, norm = create_teacher(cfg.teacher, len(self.classes), tr.allow_random_teacher)
+            teacher_model, norm, self.teacher_source = create_teacher(cfg.teacher, len(self.classes),
+                                                                      tr.allow_random_teacher)
         self.distiller = Distiller(self.student, terms, teacher_model)
         needs = self.distiller.needs
         self.teacher = None if teacher_model is None else Teacher(
@@ -173,6 +153,8 @@ class Run:
         if tr.max_steps:
             self.total_steps = min(self.total_steps, tr.max_steps)
         self.throughput = Throughput(self.total_steps)  # restore() adds the earlier sessions of a resumed run
+        self.facts = identity.run_facts(self.global_batch, rt.world, self.data.train_images, self.classes,
+                                        self.data.stream_workers)
         self.checkpoints = Checkpoints(run_dir)
         self.loss_watch = LossWatch(rt.device)
         self._told_eta = False
@@ -184,6 +166,20 @@ class Run:
             sinks.append(WandbSink(cfg.logger.wandb, run_dir, OmegaConf.to_container(cfg, resolve=True),
                                    _sweep_name()))
         self.logbook = Logbook(run_dir, rt.is_main, cfg.logger.csv, sinks)
+
+    def _init_from(self, path: str) -> Dict[str, Any]:
+        """``trainer.init_from``: a new run starting from another run's student weights (EMA, built
+        later, starts from them too; optimiser and schedule start fresh)."""
+        ckpt = load(Path(path), "trainer.init_from")
+        try:
+            self.student.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"trainer.init_from={path} holds a student that does not fit model.name="
+                            f"{self.cfg.model.name} ({str(e).splitlines()[0]}); use a checkpoint of the same "
+                            "architecture.") from None
+        log.info("student initialised from %s (step %d of its run); optimiser and schedule start fresh",
+                 path, ckpt["state"]["step"])
+        return {"path": str(Path(path).absolute()), "step": ckpt["state"]["step"]}
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -217,6 +213,7 @@ class Run:
             "state": asdict(self.state),
             "rng": rngs,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            "facts": self.facts,
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
             "classes": list(self.classes),
             "metrics": {k: v for k, v in self.last_val.items() if k != "confusion"},
@@ -248,14 +245,10 @@ class Run:
         else:
             path = Path(resume)
         ckpt = load(path, "trainer.resume")
-        try:
-            self.student.load_state_dict(ckpt["model"])
-            self.distiller.methods.load_state_dict(ckpt["methods"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"trainer.resume={path} does not fit this run's config (model, kd terms "
-                            f"or optimiser differ: {str(e).splitlines()[0]}); resume with the config "
-                            "the checkpoint was written with (it is stored inside it).") from None
+        identity.check_resume(path, ckpt, identity.fingerprint(self.cfg, self.facts))
+        self.student.load_state_dict(ckpt["model"])
+        self.distiller.methods.load_state_dict(ckpt["methods"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and "model_ema" in ckpt:
@@ -265,12 +258,7 @@ class Run:
         timing = ckpt.get("timing", {"train_samples": 0, "train_seconds": 0.0, "wall_seconds": 0.0})
         self.throughput = Throughput(self.total_steps, timing)
         self.t0 -= timing["wall_seconds"]
-        if len(ckpt["rng"]) == self.rt.world:
-            set_rng_state(ckpt["rng"][self.rt.rank])
-        else:
-            log.warning("the checkpoint was written by %d processes, this run has %d: random streams "
-                        "restart, so the continuation is not bit-identical", len(ckpt["rng"]), self.rt.world)
-            runtime.seed_everything(self.cfg.seed + self.rt.rank + self.state.step)
+        set_rng_state(ckpt["rng"][self.rt.rank])  # check_resume made sure the process count is the same
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step,
                  self.state.epoch + 1, self.state.epoch_batches)
 
@@ -278,12 +266,45 @@ class Run:
     def fit(self) -> Dict[str, Any]:
         runtime.seed_everything(self.cfg.seed + self.rt.rank)  # per-rank streams for dropout, mixup
         self.restore()
+        done = self.finished()
+        if done is not None:
+            return done
         self._write_config()
         self._log_start()
         try:
             return self._fit()
         except UnreadableImage as e:
             raise UserError(self._unreadable(e)) from None
+
+    def finished(self) -> Optional[Dict[str, Any]]:
+        """The summary of a run that ``trainer.resume=auto`` found already finished (the sweeps'
+        way to skip finished jobs), else None."""
+        done = self.state.step >= self.total_steps or self.state.epoch >= self.cfg.trainer.epochs
+        summary_file = self.run_dir / "summary.json"
+        if not (done and summary_file.is_file()):
+            return None
+        summary = json.loads(summary_file.read_text())
+        if summary.get("status") != "finished":
+            return None
+        log.info("%s finished already (step %d of %d); its summary.json stands, nothing to do",
+                 self.run_dir, self.state.step, self.total_steps)
+        return summary
+
+    def _check_teacher(self) -> None:
+        """Refuse to distil from a teacher that is near chance on this data (a teacher of another
+        data set, or of these classes in another order) unless ``trainer.teacher_floor=0``."""
+        chance, floor = 100.0 / len(self.classes), self.cfg.trainer.teacher_floor
+        if self.teacher_top1 >= floor * chance or self.random_labels or self.teacher_source.startswith("random"):
+            return
+        raise UserError(
+            f"the teacher's top-1 on the validation set is {self.teacher_top1:.2f}%, near chance for "
+            f"{len(self.classes)} classes ({chance:.2f}%; trainer.teacher_floor={floor:g} asks for at least "
+            f"{floor * chance:.2f}%), so it would teach noise and training did not start. Likely causes: the "
+            "teacher was trained on another data set, or on the same classes in another order (timm's "
+            "readers order class folders naturally, 1, 2, ..., 10, while torchvision's ImageFolder and "
+            "DeiT's scripts sort them as strings, 1, 10, 2, ...: give the teacher's order with "
+            "data.class_map=FILE, one class folder name per line). To distil from it anyway, set "
+            "trainer.teacher_floor=0.")
 
     def _unreadable(self, e: UnreadableImage) -> str:
         """A bad file, named, with the way on; nothing was saved after the last good step."""
@@ -301,6 +322,7 @@ class Run:
             self.teacher_top1 = evaluate(self.teacher.predict, self.data.val, len(self.classes), self.rt,
                                          tr.precision, tr.channels_last)["top1"]
             log.info("teacher top-1 on the validation set: %.2f%%", self.teacher_top1)
+            self._check_teacher()
         throughput = self.throughput
         with StopSignals() as signals:
             try:
@@ -452,10 +474,11 @@ class Run:
         terms = " + ".join(f"{w:g}·{n}" for n, w in self.distiller.weights.items())
         log.info("run directory: %s", self.run_dir)
         log.info("student %s", describe(self.student))
-        log.info("teacher %s", describe(self.teacher.model) if self.teacher is not None else "none")
+        log.info("teacher %s", f"{describe(self.teacher.model)}, weights: {self.teacher_source}"
+                 if self.teacher is not None else "none")
         log.info("kd=%s: %s", cfg.kd.name, terms)
         log.info("data %s: %d train / %d val images, %d classes, input %s | %d process(es) on %s",
-                 cfg.data.name, len(self.data.train.dataset), len(self.data.val.dataset), len(self.classes),
+                 cfg.data.name, self.data.train_images, self.data.val_images, len(self.classes),
                  "x".join(map(str, self.data_config["input_size"])), rt.world, rt.device)
         log.info("global batch %d (%d per process x %d processes x %d accumulation) | lr %.3g%s | "
                  "%d steps (%d per epoch, %d epochs%s)", self.global_batch, cfg.data.batch_size, rt.world,
@@ -510,6 +533,7 @@ class Run:
             if cfg.trainer.export:
                 export = str(export_student(self.student, self.run_dir / "export", self.data_config))
         summary = {
+            "status": "finished",
             "method": cfg.kd.name,
             "terms": dict(self.distiller.weights),
             "model": cfg.model.name,
@@ -527,6 +551,7 @@ class Run:
             "steps": self.state.step,
             "global_batch": self.global_batch,
             "lr": self.lr,
+            "init_from": self.init_from,
             "run_dir": str(self.run_dir),
             "checkpoint": str(self.checkpoints.last),
             "best_checkpoint": str(self.checkpoints.best),

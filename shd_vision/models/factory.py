@@ -122,7 +122,7 @@ def create_student(spec: DictConfig, num_classes: int) -> nn.Module:
 
 
 def create_teacher(spec: DictConfig, num_classes: int, allow_random: bool
-                   ) -> Tuple[nn.Module, Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+                   ) -> Tuple[nn.Module, Tuple[Tuple[float, ...], Tuple[float, ...]], str]:
     """The frozen teacher and the input normalisation it was trained with.
 
     Weights come from ``teacher.checkpoint`` (a local file) or, when that is null and
@@ -130,8 +130,9 @@ def create_teacher(spec: DictConfig, num_classes: int, allow_random: bool
     checkpoint or an unreachable hub leaves the teacher randomly initialised, with a warning.
 
     Returns:
-        ``(model, (mean, std))``; the normalisation is ``teacher.mean``/``std`` when set, else the
-        one recorded in an shd-vision checkpoint, else the model's pretrained config.
+        ``(model, (mean, std), source)``; the normalisation is ``teacher.mean``/``std`` when set,
+        else the one recorded in an shd-vision checkpoint, else the model's pretrained config;
+        ``source`` says where the weights came from (the file, timm's ``name.tag``, or random).
     """
     checkpoint: Optional[str] = spec.get("checkpoint")
     pretrained = bool(spec.get("pretrained")) and not checkpoint
@@ -148,6 +149,7 @@ def create_teacher(spec: DictConfig, num_classes: int, allow_random: bool
                             "it as teacher.checkpoint=FILE.")
         if checkpoint:
             loaded = load_weights(model, checkpoint, "teacher", use_ema=bool(spec.get("use_ema")))
+        source = f"file {checkpoint}" if checkpoint else f"timm's pretrained {pretrained_tag(model)}"
     except UserError as e:
         missing = checkpoint and not Path(checkpoint).exists()
         if not (allow_random and (missing or pretrained)):
@@ -157,9 +159,16 @@ def create_teacher(spec: DictConfig, num_classes: int, allow_random: bool
         log.warning("Distillation from it is meaningless; this fallback exists only for debug=fast.")
         log.warning("!" * 88)
         model = build(spec, num_classes, "teacher", pretrained=False)
+        source = "random (debug fallback, no weights)"
     model.eval().requires_grad_(False)
     norm = _teacher_norm(spec, model, loaded)
-    return model, norm
+    return model, norm, source
+
+
+def pretrained_tag(model: nn.Module) -> str:
+    """timm's ``architecture.tag`` of a model: which of a name's pretrained weights it takes."""
+    cfg = model.pretrained_cfg
+    return f"{cfg.get('architecture')}.{cfg['tag']}" if cfg.get("tag") else str(cfg.get("architecture"))
 
 
 def _teacher_norm(spec: Mapping, model: nn.Module, loaded: Dict[str, Any]

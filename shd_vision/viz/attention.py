@@ -225,7 +225,7 @@ def render(cfg: DictConfig, out_dir: Path, device: torch.device) -> List[Path]:
     classes = ckpt["classes"]
     student = build(trained.model, len(classes), "model")
     student.load_state_dict(ckpt["model"])
-    teacher_model, norm = create_teacher(teacher_spec, len(classes), allow_random=trained.trainer.allow_random_teacher)
+    teacher_model, norm, _ = create_teacher(teacher_spec, len(classes), allow_random=trained.trainer.allow_random_teacher)
     data_config = resolve_input(trained.data, student)
     settings = shd_settings(trained, cfg)
     pairs = resolve_pairs(settings["layers"], len(vit_blocks(student, "student")),

@@ -1,0 +1,179 @@
+"""Which run a directory and a checkpoint belong to.
+
+A run directory is held by one run at a time (an OS lock that dies with its process), and a
+checkpoint is resumed only by a run whose config defines the same run: the keys of
+:data:`RESUMABLE` may change between sessions (how a run is executed, logged or stopped), every
+other key and the facts of :func:`run_facts` must be equal, or the resume is refused naming
+each difference. The same fingerprint identifies a run wherever one is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from shd_vision.engine import runtime
+from shd_vision.engine.checkpoint import Checkpoints
+from shd_vision.errors import UserError
+
+# Keys that may differ between the sessions of one run: where it runs, how it is logged, when it
+# stops and checkpoints. A key names itself and everything below it. Kept in README.md too.
+RESUMABLE = (
+    "run_name", "task_name", "paths", "logger",
+    "trainer.resume", "trainer.max_steps", "trainer.log_every", "trainer.ckpt_every_steps",
+    "trainer.device", "trainer.threads", "trainer.dist_backend", "trainer.compile", "trainer.channels_last",
+    "trainer.tf32", "trainer.export", "trainer.attention_images", "trainer.eval_teacher",
+    "trainer.teacher_floor",
+    "data.root", "data.num_workers", "data.pin_memory", "data.eval_batch_size", "data.skip_bad_images",
+)
+
+LOCK_NAME = ".lock"
+
+
+def resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
+
+
+def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(node, Mapping):
+        flat: Dict[str, Any] = {}
+        for k, v in node.items():
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        return flat if flat or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def fingerprint(cfg: DictConfig | Mapping, facts: Mapping[str, Any]) -> Dict[str, Any]:
+    """Every run-defining value: the config's keys outside :data:`RESUMABLE` (dotted, resolved)
+    plus ``facts`` (:func:`run_facts`) under ``run.``."""
+    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    flat = {k: v for k, v in _flatten(tree).items() if not resumable(k)}
+    flat.update({f"run.{k}": v for k, v in facts.items()})
+    return flat
+
+
+def run_facts(global_batch: int, processes: int, train_images: int, classes: List[str],
+              stream_workers: Optional[int] = None) -> Dict[str, Any]:
+    """What defines a run beyond its config: the global batch, the process count (each process
+    has its own random streams), the data actually found (a moved ``data.root`` must hold the
+    same images and classes) and, for a stream, its loader workers (they split its shards)."""
+    facts = {"global_batch": global_batch, "processes": processes, "train_images": train_images,
+             "classes": list(classes)}
+    if stream_workers is not None:
+        facts["stream_workers"] = stream_workers
+    return facts
+
+
+def differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
+    """``key (recorded A, now B)`` for every key whose values differ; a key one side lacks counts
+    as null there (a key added to the config later, with its old behaviour as null)."""
+    out = []
+    for key in sorted(set(recorded) | set(now)):
+        a, b = recorded.get(key), now.get(key)
+        if a != b:
+            out.append(f"{key} ({_show(a)} in the checkpoint, {_show(b)} now)")
+    return out
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_resume(path: Path, ckpt: Mapping[str, Any], now: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose run differs from this one in any run-defining value.
+
+    Raises:
+        UserError: one paragraph listing every differing key with both values.
+    """
+    recorded = fingerprint(OmegaConf.create(ckpt["config"]), ckpt.get("facts", {}))
+    if "facts" not in ckpt:  # written before checkpoints recorded them: compare the config alone
+        now = {k: v for k, v in now.items() if not k.startswith("run.")}
+    diff = differences(recorded, now)
+    if diff:
+        raise UserError(
+            f"trainer.resume: {path} belongs to a run defined differently from this one, in "
+            f"{len(diff)} key(s): {'; '.join(diff)}. A resume continues the same run, so these must "
+            "match (the checkpoint's full config is in its run directory's config.yaml). To change the "
+            f"run on purpose, start a new run from its weights with trainer.init_from={path} (a fresh "
+            "optimiser, schedule and EMA) in another run directory. Keys that may change on resume: "
+            f"{', '.join(RESUMABLE)}.")
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run_dir>/.lock``, recording the holder's pid and host.
+
+    The kernel releases it when the process ends, however it ends, so a crashed run leaves no
+    stale lock. (On network file systems this needs working ``flock``, as NFS and Lustre with
+    ``-o flock`` give.)
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise UserError(
+                f"the run directory {self.path.parent} is in use by another run ({self.holder()}), which "
+                "holds its lock until it ends; two runs never write into one directory. Start this one "
+                "elsewhere (run_name=NAME, or leave run_name unset for a new timestamped directory), or "
+                "wait for that run to end (then trainer.resume=auto continues it).") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "pid unknown"
+        except OSError:
+            return "pid unknown"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock; the file stays for the next holder
+            self.fd = None
+
+
+@contextlib.contextmanager
+def claim_run_dir(cfg: DictConfig, rt: runtime.Runtime) -> Iterator[Path]:
+    """The run directory, created and locked by rank 0 for the whole run (every rank of a
+    multi-process run shares it), after refusing to start a new run over another's checkpoints."""
+    run_dir, problem, lock = Path(cfg.paths.output_dir).absolute(), None, None
+    if rt.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir)
+            lock.acquire()
+        except OSError as e:
+            problem = (f"the run directory {run_dir} is not writable ({e.strerror or e}); set "
+                       "paths.log_dir=DIR (or hydra.run.dir=DIR) to a writable place.")
+        except UserError as e:
+            problem = str(e)
+        existing = [] if problem else Checkpoints(run_dir).existing()
+        if existing and not cfg.trainer.resume:
+            problem = (f"{run_dir} already holds checkpoints ({', '.join(p.name for p in existing)}) of "
+                       "an earlier run, and they are never overwritten: continue that run with "
+                       "trainer.resume=auto, or start a new one elsewhere (run_name=NAME or hydra.run.dir=DIR).")
+    run_dir, problem = runtime.broadcast((run_dir, problem), rt)
+    try:
+        if problem:
+            raise UserError(problem)
+        yield run_dir
+    finally:
+        if lock is not None:
+            lock.release()

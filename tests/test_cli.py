@@ -49,7 +49,7 @@ def bad_input_cases(tmp, teacher_ckpt):
         "adkd view": (["kd=adkd", "kd.terms.adkd.views=[silver]"], "views=['silver'] must be a non-empty list"),
         "resume missing": ([f"trainer.resume={tmp}/nope.pt"], "trainer.resume=" + f"{tmp}/nope.pt does not exist"),
         "resume corrupt": ([f"trainer.resume={tmp}/garbage.pt"], "garbage.pt could not be read as a checkpoint"),
-        "resume other run": ([f"trainer.resume={teacher_ckpt}"], "does not fit this run's config"),
+        "resume other run": ([f"trainer.resume={teacher_ckpt}"], "belongs to a run defined differently from this one"),
     }
 
 

@@ -2,6 +2,7 @@
 submitit environments, and stop signals."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -47,8 +48,8 @@ def test_two_gloo_processes_write_one_run_directory(tmp_path):
     runs = list((tmp_path / "train" / "runs").iterdir())
     assert len(runs) == 1, runs  # both ranks named the same directory
     names = sorted(p.name for p in runs[0].iterdir())
-    assert names == ["checkpoints", "config.yaml", "confusion.png", "curves.png", "metrics.csv", "metrics.jsonl",
-                     "summary.json", "train.log"]
+    assert names == [".lock", "checkpoints", "config.yaml", "confusion.png", "curves.png", "metrics.csv",
+                     "metrics.jsonl", "summary.json", "train.log"]
     log = (runs[0] / "train.log").read_text()
     assert "2 process(es)" in log and "global batch 16 (8 per process x 2 processes" in log
     assert log.count("run summary") == 1
@@ -191,3 +192,15 @@ def test_sigterm_ends_a_local_sweep_not_only_its_current_job(tmp_path):
     assert proc.returncode == 143, output[-2000:]
     assert "stopped by SIGTERM" in output and "the sweep stops here" in output
     assert not (tmp_path / "train/multiruns/sw/1").exists()
+    # the printed command resumes job 0, runs job 1, and a second time skips both
+    command = output.split("finished ones are skipped) with:\n")[1].splitlines()[0]
+    assert command.startswith("python train.py -m seed=0,1 ") and command.endswith("run_name=sw trainer.resume=auto")
+    args = shlex.split(command)[2:]
+    stopped_at = weights(tmp_path / "train/multiruns/sw/0/checkpoints/last.pt")["state"]["step"]
+    continued = run_cli("train.py", *args)
+    assert continued.returncode == 0, continued.stderr[-2000:]
+    assert f"at step {stopped_at} " in continued.stdout and "Launching 2 jobs" in continued.stdout
+    for job in ("0", "1"):
+        assert weights(tmp_path / f"train/multiruns/sw/{job}/checkpoints/last.pt")["state"]["step"] == 200
+    again = run_cli("train.py", *args)
+    assert again.returncode == 0 and again.stdout.count("finished already (step 200 of 200)") == 2

@@ -257,3 +257,153 @@ def test_two_processes_train_and_evaluate_on_shards_and_archives(written, tmp_pa
     assert "2 process(es)" in log and "4 steps (4 per epoch" in log, log[:3000]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["samples"] for r in records if r["split"] == "val"] == [32]  # both ranks' shards, each image once
+
+
+# ---------------------------------------------------------------- every sample counted once
+DATA_CFG = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
+            "crop_pct": 1.0}
+
+
+def count_validation(rank, world, port, cfg_yaml, out):
+    """One process's validation pass over shards: the sample numbers it read and the sample count
+    of the record (``evaluate``, summed over the processes)."""
+    import torch.distributed as dist
+
+    from shd_vision.data.loaders import build_val_loader
+    from shd_vision.engine.metrics import evaluate
+    from shd_vision.engine.runtime import Runtime
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = OmegaConf.create(cfg_yaml)
+    _, val, classes = open_splits(cfg)
+    loader = build_val_loader(cfg, val, DATA_CFG, rank, world)
+    loader.dataset.transform = raw
+    seen = [i for images, _ in loader for i in sample_ids(images)]
+    record = evaluate(lambda x: torch.zeros(len(x), len(classes)), loader, len(classes),
+                      Runtime(torch.device("cpu"), rank, world))
+    torch.save({"seen": seen, "samples": record["samples"]}, f"{out}/rank{rank}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_validation_on_shards_counts_each_sample_once(tmp_path, shards, processes):
+    """32 validation samples in 1, 2 or 3 shards, 1 or 2 processes with 2 loader workers each (so
+    down to 1 shard for 4 workers): the record counts 32, and each sample was read once."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    write_shards(tmp_path / "wds", shards=shards)
+    cfg = OmegaConf.to_container(reader_cfg(tmp_path.parent / tmp_path.name, "wds", batch_size=4, num_workers=2,
+                                            root=str(tmp_path / "wds")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if processes == 1:
+        count_validation(0, 1, port, cfg, str(tmp_path))
+    else:
+        mp.spawn(count_validation, args=(processes, port, cfg, str(tmp_path)), nprocs=processes)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(processes)]
+    assert [r["samples"] for r in ranks] == [32] * processes
+    assert sorted(i for r in ranks for i in r["seen"]) == list(range(32))
+
+
+def test_a_stream_epoch_is_capped_at_its_split_and_never_repeats_a_sample(tmp_path, caplog):
+    """The issue's example: data.train_size=256 on 64 samples made timm repeat the stream four
+    times; now the epoch is the 64 samples, each once. Shards that do not split evenly over the
+    workers give a shorter epoch (said once), never a repeated sample; too few shards are refused."""
+    write_shards(tmp_path / "four")
+    data = build_data(reader_cfg(tmp_path, "wds", batch_size=8, num_workers=2, train_size=256,
+                                 root=str(tmp_path / "four")), open_splits(reader_cfg(
+                                     tmp_path, "wds", root=str(tmp_path / "four"))), DATA_CFG, seed=0)
+    data.train.dataset.transform = raw
+    assert data.train_images == 64 and "data.train_size=256 is more than the 64 samples" in caplog.text
+    assert sorted(i for images, _ in data.epoch(0, 0) for i in sample_ids(images)) == list(range(64))
+
+    write_shards(tmp_path / "three", shards=3)  # 22, 21 and 21 samples over 2 workers
+    cfg = reader_cfg(tmp_path, "wds", batch_size=8, num_workers=2, train_size=None, root=str(tmp_path / "three"))
+    data = build_data(cfg, open_splits(cfg), DATA_CFG, seed=0)
+    data.train.dataset.transform = raw
+    for epoch in (0, 1):
+        seen = [i for images, _ in data.epoch(epoch, 0) for i in sample_ids(images)]
+        assert len(seen) == data.train_images == 32 and len(set(seen)) == 32  # 16 a worker: 21 at least, whole batches
+    assert "trains on 32 of its 64 samples" in caplog.text
+
+    write_shards(tmp_path / "one", shards=1)
+    cfg = reader_cfg(tmp_path, "wds", batch_size=8, num_workers=2, root=str(tmp_path / "one"))
+    with pytest.raises(datasets.UserError, match=r"1 shard\(s\), fewer than the 2 loader workers"):
+        build_data(cfg, open_splits(cfg), DATA_CFG, seed=0)
+
+
+def test_a_map_style_subset_larger_than_its_split_is_capped_and_said(tmp_path, written, caplog):
+    cfg = reader_cfg(written, "folder", batch_size=8, num_workers=0, train_size=100, val_size=1000)
+    data = build_data(cfg, open_splits(cfg), DATA_CFG, seed=0)
+    assert (data.train_images, data.val_images) == (64, 32)
+    assert "data.train_size=100 is more than the 64 images" in caplog.text
+    assert "data.val_size=1000 is more than the 32 images" in caplog.text
+
+
+# ---------------------------------------------------------------- class order and class counts
+def test_a_class_map_sets_the_class_order_of_a_folder(tmp_path):
+    """Folders 1..10: timm orders them naturally; a class map in torchvision's string order (1, 10,
+    2, ...) gives each image the index of its folder in that file."""
+    for split, n in SPLITS.items():
+        for key, label, png in digit_images(split, n):
+            (tmp_path / "f" / split / str(label + 1)).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "f" / split / str(label + 1) / f"{key}.png").write_bytes(png)
+    natural = [str(c) for c in range(1, 11)]
+    string_order = sorted(natural)
+    assert string_order[:3] == ["1", "10", "2"]
+    (tmp_path / "map.txt").write_text("\n".join(string_order) + "\n")
+    assert open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "f")))[2] == natural
+    train, _, classes = open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "f"),
+                                               class_map=str(tmp_path / "map.txt")))
+    assert classes == string_order
+    for i in range(len(train)):
+        folder = train.reader.filename(i, absolute=True).split("/")[-2]
+        assert train[i][1] == string_order.index(folder)
+    (tmp_path / "short.txt").write_text("\n".join(string_order[:8]) + "\n")
+    with pytest.raises(datasets.UserError, match="does not list the class folders 8, 9 of"):
+        open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "f"), class_map=str(tmp_path / "short.txt")))
+    fashion = OmegaConf.merge(OmegaConf.load("conf/data/fashion_mnist.yaml"), {"class_map": "map.txt"})
+    with pytest.raises(datasets.UserError, match="has a fixed class order"):
+        open_splits(fashion)
+
+
+def write_plain_label_parquet(root, label_type):
+    """A Hugging Face dataset whose labels are plain values (no ClassLabel), as after a parquet round trip."""
+    from datasets import Dataset, Features, Image as HFImage, Value
+
+    root.mkdir(parents=True)
+    for split, n in SPLITS.items():
+        items = digit_images(split, n)
+        labels = [label if label_type == "int64" else f"digit {label}" for _, label, _ in items]
+        features = Features({"image": HFImage(), "label": Value(label_type)})
+        Dataset.from_dict({"image": [{"bytes": png, "path": f"{key}.png"} for key, _, png in items],
+                           "label": labels}, features=features).to_parquet(
+            str(root / f"{split}-00000-of-00001.parquet"))
+
+
+def test_plain_integer_labels_give_the_class_count(tmp_path, monkeypatch):
+    """The issue's example: integer labels without names gave 0 classes (and timm an Identity head)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_plain_label_parquet(tmp_path / "ints", "int64")
+    name = f"hfds/{tmp_path / 'ints'}"
+    cfg = OmegaConf.merge(reader_cfg(tmp_path, "hfds"), {"name": name, "root": str(tmp_path / "cache")})
+    train, val, classes = open_splits(cfg)
+    labels = {train[i][1] for i in range(len(train))}
+    assert classes == [str(c) for c in range(max(labels) + 1)] == CLASSES
+    assert open_splits(OmegaConf.merge(cfg, {"num_classes": 12}))[2] == [str(c) for c in range(12)]
+    with pytest.raises(datasets.UserError, match="data.num_classes=5 but the label column 'label'.*holds label 9"):
+        open_splits(OmegaConf.merge(cfg, {"num_classes": 5}))
+    write_plain_label_parquet(tmp_path / "words", "string")
+    with pytest.raises(datasets.UserError, match=r"label column 'label' holds Value\(.*string.*cast_column"):
+        open_splits(OmegaConf.merge(cfg, {"name": f"hfds/{tmp_path / 'words'}"}))
+    args = ["data=hfds", f"data.name={name}", f"data.root={tmp_path / 'cache'}", "data.batch_size=8",
+            "data.num_workers=0", "model=vit_fmnist_student", "kd=none", "data.img_size=16", "model.img_size=16"]
+    result = run_cli("train.py", *debug_args(tmp_path, *args), env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "64 train / 32 val images, 10 classes" in (tmp_path / "run" / "train.log").read_text()

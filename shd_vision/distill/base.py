@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -172,3 +172,22 @@ class Distiller(nn.Module):
             terms[name] = self.weights[name] * loss
             logs.update({f"{name}/{k}": v for k, v in extra.items()})
         return terms, logs, logits
+
+    def unreached_parameters(self, teacher: Optional[Callable[[Tensor], Outputs]], input_size: Sequence[int],
+                             num_classes: int, device: torch.device) -> List[str]:
+        """Names of the trainable parameters that no active term's gradient reaches (e.g. the
+        classifier when only attention terms have weight), from one backward pass on a random
+        batch of two. DDP needs them known before its first step; random states and buffers
+        (BatchNorm statistics) are left as they were, so the run itself is unchanged."""
+        buffers = {k: v.clone() for k, v in self.named_buffers()}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            images = torch.randn(2, *input_size, device=device)
+            labels = torch.arange(2, device=device) % num_classes
+            terms, _, _ = self(Batch(images, labels, labels), teacher(images) if teacher is not None else None)
+            sum(terms.values()).backward()
+        unreached = [n for n, p in self.named_parameters() if p.requires_grad and p.grad is None]
+        self.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, v in self.named_buffers():
+                v.copy_(buffers[k])
+        return unreached

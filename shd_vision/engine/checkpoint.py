@@ -124,6 +124,24 @@ def load(path: Path, what: str) -> Dict[str, Any]:
     return obj
 
 
+def init_student(student: nn.Module, path: str, model_name: str) -> Dict[str, Any]:
+    """``trainer.init_from``: load another run's student weights into a new run's ``student``
+    (built before its EMA, which thus starts from them; optimiser and schedule start fresh).
+
+    Returns:
+        What the summary records: the checkpoint's absolute path and its run's step.
+    """
+    ckpt = load(Path(path), "trainer.init_from")
+    try:
+        student.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"trainer.init_from={path} holds a student that does not fit model.name={model_name} "
+                        f"({str(e).splitlines()[0]}); use a checkpoint of the same architecture.") from None
+    log.info("student initialised from %s (step %d of its run); optimiser and schedule start fresh",
+             path, ckpt["state"]["step"])
+    return {"path": str(Path(path).absolute()), "step": ckpt["state"]["step"]}
+
+
 def rng_state() -> Dict[str, Any]:
     """Every global RNG state, as tensors and plain values (loadable with ``weights_only``)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()

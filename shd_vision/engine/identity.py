@@ -13,16 +13,19 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from shd_vision.engine import runtime
-from shd_vision.engine.checkpoint import Checkpoints
+from shd_vision.engine.checkpoint import Checkpoints, load
 from shd_vision.errors import UserError
+
+log = logging.getLogger("shd_vision.train")
 
 # Keys that may differ between the sessions of one run: where it runs, how it is logged, when it
 # stops and checkpoints. A key names itself and everything below it. Kept in README.md too.
@@ -106,6 +109,39 @@ def check_resume(path: Path, ckpt: Mapping[str, Any], now: Mapping[str, Any]) ->
             f"run on purpose, start a new run from its weights with trainer.init_from={path} (a fresh "
             "optimiser, schedule and EMA) in another run directory. Keys that may change on resume: "
             f"{', '.join(RESUMABLE)}.")
+
+
+def checkpoint_to_resume(cfg: DictConfig, checkpoints: Checkpoints, rt: runtime.Runtime,
+                         facts: Mapping[str, Any]) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The checkpoint ``trainer.resume`` names (``auto``: this run's newest readable one) and its
+    contents, after :func:`check_resume`; None when there is nothing to resume."""
+    resume = cfg.trainer.resume
+    if not resume:
+        return None
+    if resume == "auto":
+        found = checkpoints.newest_readable() if rt.is_main else None
+        path = runtime.broadcast(found[0] if found else None, rt)
+        if path is None:
+            log.info("trainer.resume=auto: no checkpoint in %s yet, starting from scratch", checkpoints.dir.parent)
+            return None
+    else:
+        path = Path(resume)
+    ckpt = load(path, "trainer.resume")
+    check_resume(path, ckpt, fingerprint(cfg, facts))
+    return path, ckpt
+
+
+def finished_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The summary of a run whose resumed state is already at its end, if that run had finished
+    (not stopped): ``trainer.resume=auto`` then leaves it as it is, which is how a continued
+    sweep skips its finished jobs."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    if summary.get("status") != "finished":
+        return None
+    log.info("%s finished already (step %d of %d); its summary.json stands, nothing to do", run_dir,
+             summary["steps"], summary["steps"])
+    return summary
 
 
 class RunLock:

@@ -192,3 +192,30 @@ class WandbSink:
     def finish(self, summary: Mapping[str, Any]) -> None:
         self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         self.run.finish()
+
+
+def format_summary(s: Dict[str, Any]) -> str:
+    """The end-of-run summary as a few aligned lines."""
+    terms = " + ".join(f"{w:g}·{n}" for n, w in s["terms"].items())
+    ema = f"; EMA {s['top1_ema']:.2f}%" if s.get("top1_ema") is not None else ""
+    teacher = s["teacher"] or "none"
+    if s.get("teacher_top1") is not None:
+        teacher += f" (top-1 {s['teacher_top1']:.2f}%)"
+    rate = s["train_samples_per_s"]
+    lines = [
+        "run summary",
+        f"  method     kd={s['method']}: {terms}",
+        f"  student    {s['student']}",
+        f"  teacher    {teacher}",
+        f"  top-1      {s['top1']:.2f}% (best {s['best_top1']:.2f}% after epoch {s['best_epoch']}{ema})",
+        f"  top-5      {s['top5']:.2f}%    val loss {s['val_loss']:.4f}",
+        f"  time       {format_duration(s['wall_time_s'])} for {s['steps']} steps, "
+        f"{format_rate(rate)} training images/s" if math.isfinite(rate) else
+        f"  time       {format_duration(s['wall_time_s'])} for {s['steps']} steps",
+        f"  run dir    {s['run_dir']}",
+        "             checkpoints/{last,best}.pt, metrics.jsonl, summary.json, curves.png, confusion.png"
+        + (", attention/" if any("/attention/" in p for p in s["pictures"]) else "")
+        + (", export/" if s["export"] else ""),
+    ] + ([f"  skipped    {len(s['bad_images'])} unreadable image(s), listed in bad_images.txt"]
+         if s.get("bad_images") else [])
+    return "\n".join(lines)

@@ -34,14 +34,14 @@ from shd_vision.distill import Batch, Distiller
 from shd_vision.distill.base import active_terms, uses_teacher
 from shd_vision.engine import identity, runtime
 from shd_vision.engine.guards import LossWatch, Stop, StopSignals
-from shd_vision.engine.checkpoint import (FORMAT_VERSION, Checkpoints, export_student, load,
+from shd_vision.engine.checkpoint import (FORMAT_VERSION, Checkpoints, export_student, init_student,
                                           rng_state, set_rng_state)
-from shd_vision.engine.logbook import (Logbook, Throughput, WandbSink, format_duration, format_rate, read_jsonl,
-                                      run_logging)
+from shd_vision.engine.logbook import (Logbook, Throughput, WandbSink, format_duration, format_rate,
+                                      format_summary, read_jsonl, run_logging)
 from shd_vision.engine.metrics import evaluate
 from shd_vision.errors import UserError
 from shd_vision.models.factory import create_student, create_teacher, describe
-from shd_vision.models.teacher import Teacher
+from shd_vision.models.teacher import Teacher, check_teacher_top1
 from shd_vision.models.weights import FORMAT_KEY
 from shd_vision.viz.attention import render
 from shd_vision.viz.plots import confusion_png, curves_png
@@ -104,7 +104,7 @@ class Run:
         self.classes = splits[2]
         self.random_labels = random_labels(splits[1])
         self.student = create_student(cfg.model, len(self.classes))
-        self.init_from = self._init_from(tr.init_from) if tr.init_from else None
+        self.init_from = init_student(self.student, tr.init_from, cfg.model.name) if tr.init_from else None
         self.data_config = resolve_input(cfg.data, self.student)
         teacher_model = norm = None
         self.teacher_source: Optional[str] = None
@@ -146,6 +146,8 @@ class Run:
             step_on_epochs=False)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=tr.precision == "fp16")
         self.ema = ModelEmaV3(self.student, decay=tr.ema.decay, use_warmup=tr.ema.warmup) if tr.ema.enabled else None
+        if rt.distributed:
+            self._freeze_unreached()
         self.model = (DistributedDataParallel(self.distiller, device_ids=[rt.device.index]
                                               if rt.device.type == "cuda" else None)
                       if rt.distributed else self.distiller)
@@ -167,19 +169,18 @@ class Run:
                                    _sweep_name()))
         self.logbook = Logbook(run_dir, rt.is_main, cfg.logger.csv, sinks)
 
-    def _init_from(self, path: str) -> Dict[str, Any]:
-        """``trainer.init_from``: a new run starting from another run's student weights (EMA, built
-        later, starts from them too; optimiser and schedule start fresh)."""
-        ckpt = load(Path(path), "trainer.init_from")
-        try:
-            self.student.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise UserError(f"trainer.init_from={path} holds a student that does not fit model.name="
-                            f"{self.cfg.model.name} ({str(e).splitlines()[0]}); use a checkpoint of the same "
-                            "architecture.") from None
-        log.info("student initialised from %s (step %d of its run); optimiser and schedule start fresh",
-                 path, ckpt["state"]["step"])
-        return {"path": str(Path(path).absolute()), "step": ckpt["state"]["step"]}
+    def _freeze_unreached(self) -> None:
+        """Freeze what no active term trains, so DDP (which waits for every parameter's gradient)
+        runs any combination of term weights without unused-parameter detection on every step.
+        One process leaves their gradients empty and the optimiser skips them: the same run."""
+        names = self.distiller.unreached_parameters(self.teacher, self.data_config["input_size"],
+                                                    len(self.classes), self.rt.device)
+        params = dict(self.distiller.named_parameters())
+        for name in names:
+            params[name].requires_grad_(False)
+        if names:
+            log.info("%d parameter tensor(s) that no active term trains are frozen: %s", len(names),
+                     ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""))
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -233,19 +234,10 @@ class Run:
 
     def restore(self) -> None:
         """Continue from ``trainer.resume`` (``auto``: this run's newest readable checkpoint)."""
-        resume = self.cfg.trainer.resume
-        if not resume:
+        found = identity.checkpoint_to_resume(self.cfg, self.checkpoints, self.rt, self.facts)
+        if found is None:
             return
-        if resume == "auto":
-            found = self.checkpoints.newest_readable() if self.rt.is_main else None
-            path = runtime.broadcast(found[0] if found else None, self.rt)
-            if path is None:
-                log.info("trainer.resume=auto: no checkpoint in %s yet, starting from scratch", self.run_dir)
-                return
-        else:
-            path = Path(resume)
-        ckpt = load(path, "trainer.resume")
-        identity.check_resume(path, ckpt, identity.fingerprint(self.cfg, self.facts))
+        path, ckpt = found
         self.student.load_state_dict(ckpt["model"])
         self.distiller.methods.load_state_dict(ckpt["methods"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -266,45 +258,16 @@ class Run:
     def fit(self) -> Dict[str, Any]:
         runtime.seed_everything(self.cfg.seed + self.rt.rank)  # per-rank streams for dropout, mixup
         self.restore()
-        done = self.finished()
-        if done is not None:
-            return done
+        if self.state.step >= self.total_steps or self.state.epoch >= self.cfg.trainer.epochs:
+            summary = identity.finished_summary(self.run_dir)
+            if summary is not None:  # resume=auto on a finished run (a sweep continued): nothing to do
+                return summary
         self._write_config()
         self._log_start()
         try:
             return self._fit()
         except UnreadableImage as e:
             raise UserError(self._unreadable(e)) from None
-
-    def finished(self) -> Optional[Dict[str, Any]]:
-        """The summary of a run that ``trainer.resume=auto`` found already finished (the sweeps'
-        way to skip finished jobs), else None."""
-        done = self.state.step >= self.total_steps or self.state.epoch >= self.cfg.trainer.epochs
-        summary_file = self.run_dir / "summary.json"
-        if not (done and summary_file.is_file()):
-            return None
-        summary = json.loads(summary_file.read_text())
-        if summary.get("status") != "finished":
-            return None
-        log.info("%s finished already (step %d of %d); its summary.json stands, nothing to do",
-                 self.run_dir, self.state.step, self.total_steps)
-        return summary
-
-    def _check_teacher(self) -> None:
-        """Refuse to distil from a teacher that is near chance on this data (a teacher of another
-        data set, or of these classes in another order) unless ``trainer.teacher_floor=0``."""
-        chance, floor = 100.0 / len(self.classes), self.cfg.trainer.teacher_floor
-        if self.teacher_top1 >= floor * chance or self.random_labels or self.teacher_source.startswith("random"):
-            return
-        raise UserError(
-            f"the teacher's top-1 on the validation set is {self.teacher_top1:.2f}%, near chance for "
-            f"{len(self.classes)} classes ({chance:.2f}%; trainer.teacher_floor={floor:g} asks for at least "
-            f"{floor * chance:.2f}%), so it would teach noise and training did not start. Likely causes: the "
-            "teacher was trained on another data set, or on the same classes in another order (timm's "
-            "readers order class folders naturally, 1, 2, ..., 10, while torchvision's ImageFolder and "
-            "DeiT's scripts sort them as strings, 1, 10, 2, ...: give the teacher's order with "
-            "data.class_map=FILE, one class folder name per line). To distil from it anyway, set "
-            "trainer.teacher_floor=0.")
 
     def _unreadable(self, e: UnreadableImage) -> str:
         """A bad file, named, with the way on; nothing was saved after the last good step."""
@@ -322,7 +285,8 @@ class Run:
             self.teacher_top1 = evaluate(self.teacher.predict, self.data.val, len(self.classes), self.rt,
                                          tr.precision, tr.channels_last)["top1"]
             log.info("teacher top-1 on the validation set: %.2f%%", self.teacher_top1)
-            self._check_teacher()
+            if not (self.random_labels or self.teacher_source.startswith("random")):
+                check_teacher_top1(self.teacher_top1, len(self.classes), tr.teacher_floor)
         throughput = self.throughput
         with StopSignals() as signals:
             try:
@@ -565,29 +529,3 @@ class Run:
             log.info("%s", format_summary(summary))
         return summary
 
-
-def format_summary(s: Dict[str, Any]) -> str:
-    """The end-of-run summary as a few aligned lines."""
-    terms = " + ".join(f"{w:g}·{n}" for n, w in s["terms"].items())
-    ema = f"; EMA {s['top1_ema']:.2f}%" if s.get("top1_ema") is not None else ""
-    teacher = s["teacher"] or "none"
-    if s.get("teacher_top1") is not None:
-        teacher += f" (top-1 {s['teacher_top1']:.2f}%)"
-    rate = s["train_samples_per_s"]
-    lines = [
-        "run summary",
-        f"  method     kd={s['method']}: {terms}",
-        f"  student    {s['student']}",
-        f"  teacher    {teacher}",
-        f"  top-1      {s['top1']:.2f}% (best {s['best_top1']:.2f}% after epoch {s['best_epoch']}{ema})",
-        f"  top-5      {s['top5']:.2f}%    val loss {s['val_loss']:.4f}",
-        f"  time       {format_duration(s['wall_time_s'])} for {s['steps']} steps, "
-        f"{format_rate(rate)} training images/s" if math.isfinite(rate) else
-        f"  time       {format_duration(s['wall_time_s'])} for {s['steps']} steps",
-        f"  run dir    {s['run_dir']}",
-        "             checkpoints/{last,best}.pt, metrics.jsonl, summary.json, curves.png, confusion.png"
-        + (", attention/" if any("/attention/" in p for p in s["pictures"]) else "")
-        + (", export/" if s["export"] else ""),
-    ] + ([f"  skipped    {len(s['bad_images'])} unreadable image(s), listed in bad_images.txt"]
-         if s.get("bad_images") else [])
-    return "\n".join(lines)

@@ -16,6 +16,26 @@ from shd_vision.models.taps import Capture, Outputs, Tap, token_layout
 LUMA = (0.299, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
+def check_teacher_top1(top1: float, num_classes: int, floor: float) -> None:
+    """Refuse to distil from a teacher near chance on this data: one trained on another data
+    set, or on these classes in another order (``trainer.teacher_floor=0`` goes on anyway).
+
+    Raises:
+        UserError: naming the top-1, chance, the floor and both likely causes.
+    """
+    chance = 100.0 / num_classes
+    if top1 >= floor * chance:
+        return
+    raise UserError(
+        f"the teacher's top-1 on the validation set is {top1:.2f}%, near chance for {num_classes} classes "
+        f"({chance:.2f}%; trainer.teacher_floor={floor:g} asks for at least {floor * chance:.2f}%), so it would "
+        "teach noise and training did not start. Likely causes: the teacher was trained on another data set, "
+        "or on the same classes in another order (timm's readers order class folders naturally, 1, 2, ..., 10, "
+        "while torchvision's ImageFolder and DeiT's scripts sort them as strings, 1, 10, 2, ...: give the "
+        "teacher's order with data.class_map=FILE, one class folder name per line). To distil from it "
+        "anyway, set trainer.teacher_floor=0.")
+
+
 class Teacher(nn.Module):
     """A frozen teacher that takes batches prepared for the student.
 

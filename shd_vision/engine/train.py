@@ -528,4 +528,3 @@ class Run:
             self.logbook.close(summary)
             log.info("%s", format_summary(summary))
         return summary
-

@@ -9,6 +9,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from shd_vision import cli
+from shd_vision.engine.identity import continue_command
 from shd_vision.engine.train import train
 
 
@@ -22,7 +23,7 @@ def main(cfg: DictConfig) -> float:
         # this process runs the sweep's remaining jobs: a stop signal ends them too
         logging.getLogger("shd_vision").warning(
             "the sweep stops here (%s); the rest of its jobs did not run. Continue it (unfinished jobs "
-            "resume, finished ones are skipped) with:\n%s", summary["reason"], cli.continue_command(cfg.run_name))
+            "resume, finished ones are skipped) with:\n%s", summary["reason"], continue_command(cfg.run_name))
         raise SystemExit(143)
     return summary["top1"]
 

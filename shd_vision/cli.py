@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 import textwrap
 import traceback
@@ -16,6 +15,7 @@ from omegaconf import DictConfig
 
 import shd_vision.config  # noqa: F401  (registers the schemas and resolvers Hydra composes with)
 from shd_vision.data.datasets import UnreadableImage, unreadable_message
+from shd_vision.engine.identity import continue_command
 from shd_vision.errors import UserError
 
 _task_started = False
@@ -78,13 +78,6 @@ def _job_name() -> str:
 def _one_line(message: str, limit: int = 160) -> str:
     text = " ".join(message.split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def continue_command(run_name: str) -> str:
-    """The command that continues this sweep: its own arguments, its run name (which names its
-    directory), and ``trainer.resume=auto``, which resumes unfinished jobs and skips finished ones."""
-    args = [a for a in sys.argv[1:] if not a.startswith(("run_name=", "trainer.resume="))]
-    return "python " + shlex.join([sys.argv[0], *args, f"run_name={run_name}", "trainer.resume=auto"])
 
 
 def _sweep_report() -> None:

@@ -176,7 +176,9 @@ def test_sigterm_saves_and_a_resumed_run_ends_where_an_uninterrupted_one_does(tm
     assert "stopped by SIGTERM" in output and "trainer.resume=auto" in output
     stopped = weights(tmp_path / "stopped/checkpoints/last.pt")
     assert 3 <= stopped["state"]["step"] < 60
-    resumed = run_cli("train.py", *common, f"hydra.run.dir={tmp_path}/stopped", "trainer.resume=auto")
+    command = output.split("Continue it (under the same launcher, if any) with:\n")[1].splitlines()[0]
+    assert command.endswith("trainer.resume=auto") and "data.num_workers=2" in command
+    resumed = run_cli(*shlex.split(command)[1:])  # the printed command, as a user would paste it
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = weights(tmp_path / "straight/checkpoints/last.pt"), weights(tmp_path / "stopped/checkpoints/last.pt")
     assert b["state"]["step"] == 60 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

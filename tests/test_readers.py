@@ -264,9 +264,9 @@ DATA_CFG = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "i
             "crop_pct": 1.0}
 
 
-def count_validation(rank, world, port, cfg_yaml, out):
-    """One process's validation pass over shards: the sample numbers it read and the sample count
-    of the record (``evaluate``, summed over the processes)."""
+def count_validation(rank, world, port, cfgs, out):
+    """One process's validation passes over each config's shards: the sample numbers it read and
+    the sample count of the record (``evaluate``, summed over the processes)."""
     import torch.distributed as dist
 
     from shd_vision.data.loaders import build_val_loader
@@ -274,41 +274,47 @@ def count_validation(rank, world, port, cfg_yaml, out):
     from shd_vision.engine.runtime import Runtime
 
     if world > 1:
+        torch.multiprocessing.set_start_method("fork", force=True)  # loader workers as under torchrun
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = OmegaConf.create(cfg_yaml)
-    _, val, classes = open_splits(cfg)
-    loader = build_val_loader(cfg, val, DATA_CFG, rank, world)
-    loader.dataset.transform = raw
-    seen = [i for images, _ in loader for i in sample_ids(images)]
-    record = evaluate(lambda x: torch.zeros(len(x), len(classes)), loader, len(classes),
-                      Runtime(torch.device("cpu"), rank, world))
-    torch.save({"seen": seen, "samples": record["samples"]}, f"{out}/rank{rank}.pt")
+    results = []
+    for cfg_yaml in cfgs:
+        cfg = OmegaConf.create(cfg_yaml)
+        _, val, classes = open_splits(cfg)
+        loader = build_val_loader(cfg, val, DATA_CFG, rank, world)
+        loader.dataset.transform = raw
+        seen = [i for images, _ in loader for i in sample_ids(images)]
+        record = evaluate(lambda x: torch.zeros(len(x), len(classes)), loader, len(classes),
+                          Runtime(torch.device("cpu"), rank, world))
+        results.append({"seen": seen, "samples": record["samples"]})
+    torch.save(results, f"{out}/rank{rank}.pt")
     if world > 1:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-@pytest.mark.parametrize("shards", [1, 2, 3])
-def test_validation_on_shards_counts_each_sample_once(tmp_path, shards, processes):
+def test_validation_on_shards_counts_each_sample_once(tmp_path, processes):
     """32 validation samples in 1, 2 or 3 shards, 1 or 2 processes with 2 loader workers each (so
     down to 1 shard for 4 workers): the record counts 32, and each sample was read once."""
     import socket
 
     import torch.multiprocessing as mp
 
-    write_shards(tmp_path / "wds", shards=shards)
-    cfg = OmegaConf.to_container(reader_cfg(tmp_path.parent / tmp_path.name, "wds", batch_size=4, num_workers=2,
-                                            root=str(tmp_path / "wds")))
+    cfgs = []
+    for shards in (1, 2, 3):
+        write_shards(tmp_path / f"wds{shards}", shards=shards)
+        cfgs.append(OmegaConf.to_container(reader_cfg(tmp_path, "wds", batch_size=4, num_workers=2,
+                                                      root=str(tmp_path / f"wds{shards}"))))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if processes == 1:
-        count_validation(0, 1, port, cfg, str(tmp_path))
+        count_validation(0, 1, port, cfgs, str(tmp_path))
     else:
-        mp.spawn(count_validation, args=(processes, port, cfg, str(tmp_path)), nprocs=processes)
+        mp.spawn(count_validation, args=(processes, port, cfgs, str(tmp_path)), nprocs=processes)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(processes)]
-    assert [r["samples"] for r in ranks] == [32] * processes
-    assert sorted(i for r in ranks for i in r["seen"]) == list(range(32))
+    for shards in (0, 1, 2):
+        assert [r[shards]["samples"] for r in ranks] == [32] * processes, shards + 1
+        assert sorted(i for r in ranks for i in r[shards]["seen"]) == list(range(32)), shards + 1
 
 
 def test_a_stream_epoch_is_capped_at_its_split_and_never_repeats_a_sample(tmp_path, caplog):

@@ -15,7 +15,9 @@ import fcntl
 import json
 import logging
 import os
+import shlex
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -109,6 +111,16 @@ def check_resume(path: Path, ckpt: Mapping[str, Any], now: Mapping[str, Any]) ->
             f"run on purpose, start a new run from its weights with trainer.init_from={path} (a fresh "
             "optimiser, schedule and EMA) in another run directory. Keys that may change on resume: "
             f"{', '.join(RESUMABLE)}.")
+
+
+def continue_command(run_name: str) -> str:
+    """The command that continues this run (or sweep): ``python train.py`` with its own arguments,
+    its run name (which names its directory) and ``trainer.resume=auto``, which resumes an
+    unfinished run and leaves a finished one as it is."""
+    if not sys.argv[0].endswith("train.py"):  # train() called from another program (the quickstart)
+        return f"the same command plus run_name={run_name} trainer.resume=auto"
+    args = [a for a in sys.argv[1:] if not a.startswith(("run_name=", "trainer.resume="))]
+    return "python " + shlex.join([sys.argv[0], *args, f"run_name={run_name}", "trainer.resume=auto"])
 
 
 def checkpoint_to_resume(cfg: DictConfig, checkpoints: Checkpoints, rt: runtime.Runtime,

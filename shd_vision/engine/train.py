@@ -275,9 +275,9 @@ class Run:
         kept = (f"the last checkpoint, {last}, is kept" if last.exists() else "no checkpoint had been written yet")
         return (f"{unreadable_message(e)}, so training stopped at step {self.state.step} of {self.total_steps}; "
                 f"{kept}. Replace or delete the file (python -m shd_vision.data.check with this run's data "
-                "settings lists every unreadable one) and run the same command plus trainer.resume=auto, or add "
-                "data.skip_bad_images=true to stand the next readable image in for each bad one (each is logged "
-                "once and counted in summary.json).")
+                f"settings lists every unreadable one) and continue with {identity.continue_command(self.cfg.run_name)}, "
+                "or add data.skip_bad_images=true to it to stand the next readable image in for each bad one (each "
+                "is logged once and counted in summary.json).")
 
     def _fit(self) -> Dict[str, Any]:
         tr = self.cfg.trainer
@@ -310,9 +310,9 @@ class Run:
                    "top1": self.last_val.get("top1"), "train_samples_per_s": throughput.mean_rate}
         if self.rt.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            log.warning("stopped by %s after step %d of %d; the state is saved in %s. Continue with the same "
-                        "command plus trainer.resume=auto (and the same run directory).", reason,
-                        self.state.step, self.total_steps, self.checkpoints.last)
+            log.warning("stopped by %s after step %d of %d; the state is saved in %s.%s", reason, self.state.step,
+                        self.total_steps, self.checkpoints.last, "" if _sweep_name() else
+                        f" Continue it (under the same launcher, if any) with:\n{identity.continue_command(self.cfg.run_name)}")
         return summary
 
     def train_epoch(self, throughput: Throughput, signals: StopSignals) -> None:

@@ -121,6 +121,17 @@ def test_a_resume_with_another_process_count_is_refused(make_cfg, tmp_path):
         train(make_cfg("kd=none", "trainer.max_steps=4", "trainer.resume=auto"))
 
 
+def test_a_checkpoint_from_before_facts_were_recorded_is_checked_on_what_it_shows():
+    from shd_vision.engine.identity import check_resume, fingerprint, run_facts
+
+    cfg = compose_train(["debug=fast", "hydra.run.dir=/tmp/unused"])
+    old = {"config": OmegaConf.to_yaml(cfg, resolve=True), "rng": [{}, {}]}  # two processes, no facts
+    now = fingerprint(cfg, run_facts(32, 1, 256, ["a"]))
+    with pytest.raises(UserError, match=r"in 1 key\(s\): run\.processes \(2 in the checkpoint, 1 now\)"):
+        check_resume("old.pt", old, now)
+    check_resume("old.pt", {**old, "rng": [{}]}, now)  # the same process count: nothing else to compare
+
+
 def test_a_run_named_by_slurm_is_guarded_the_same_way(tmp_path):
     env = {"SLURM_JOB_ID": "777", "SLURM_NTASKS": "1"}
     args = ["debug=fast", f"paths.log_dir={tmp_path}", "kd=none", "trainer.threads=2"]

@@ -99,9 +99,9 @@ def check_resume(path: Path, ckpt: Mapping[str, Any], now: Mapping[str, Any]) ->
     Raises:
         UserError: one paragraph listing every differing key with both values.
     """
-    recorded = fingerprint(OmegaConf.create(ckpt["config"]), ckpt.get("facts", {}))
-    if "facts" not in ckpt:  # written before checkpoints recorded them: compare the config alone
-        now = {k: v for k, v in now.items() if not k.startswith("run.")}
+    # checkpoints written before they recorded their facts still show their process count
+    recorded = fingerprint(OmegaConf.create(ckpt["config"]), ckpt.get("facts") or {"processes": len(ckpt["rng"])})
+    now = {k: v for k, v in now.items() if not k.startswith("run.") or k in recorded}
     diff = differences(recorded, now)
     if diff:
         raise UserError(

@@ -56,9 +56,14 @@ def test_two_gloo_processes_write_one_run_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_ranks_agree_and_match_a_single_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("kd", [["kd=none"], ["kd=minilm", "kd.terms.ce.weight=0", "kd.terms.logit.weight=0"]],
+                         ids=["ce", "minilm-alone"])
+def test_ranks_agree_and_match_a_single_process_with_the_same_global_batch(tmp_path, kd):
+    """Also with terms that leave parameters without gradients (MiniLMv2's relations alone: the
+    head and the last block's output side), which DDP used to stop on at step 2."""
     # SGD: an update linear in the gradient, so float rounding stays rounding (Adam divides it by ~0)
-    common = ["debug=fast", *SYNTHETIC, "trainer.max_steps=4", "optim=sgd", "optim.lr=0.1", f"paths.log_dir={tmp_path}"]
+    common = ["debug=fast", *[a for a in SYNTHETIC if a != "kd=none"], *kd, "trainer.max_steps=4", "optim=sgd",
+              "optim.lr=0.1", f"paths.log_dir={tmp_path}"]
     (tmp_path / "two").mkdir(), (tmp_path / "one").mkdir()
     two = torchrun("tests/ddp_worker.py", str(tmp_path / "two"), *common, "data.batch_size=8",
                    f"hydra.run.dir={tmp_path}/run2")
@@ -70,6 +75,9 @@ def test_ranks_agree_and_match_a_single_process_with_the_same_global_batch(tmp_p
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     for k in r0:
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)
+    if "kd=minilm" in kd:
+        assert "are frozen: student.blocks.3." in (tmp_path / "run2/train.log").read_text()
+        assert torch.equal(r0["head.weight"], single["head.weight"])  # untouched by either
 
 
 def _children(pid):

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 import shd_vision.config  # noqa: F401  (registers the schemas and resolvers Hydra composes with)
 from shd_vision.data.datasets import UnreadableImage, unreadable_message
-from shd_vision.engine.identity import continue_command
+from shd_vision.engine.identity import COMMAND, continue_command
 from shd_vision.errors import UserError
 
 _task_started = False
@@ -29,9 +29,12 @@ class JobFailed(Exception):
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print ``message`` as one wrapped paragraph and exit with status ``code``."""
-    text = " ".join(message.split())
-    sys.stderr.write(textwrap.fill(f"error: {text}", width=100, break_on_hyphens=False, break_long_words=False) + "\n")
+    """Print ``message`` as one wrapped paragraph and exit with status ``code``. A command after
+    ``COMMAND`` (a line ``"\\n$ "``) follows on its own line, unwrapped, so that it pastes whole."""
+    text, _, command = message.partition(COMMAND)
+    text = " ".join(text.split())
+    sys.stderr.write(textwrap.fill(f"error: {text}", width=100, break_on_hyphens=False, break_long_words=False)
+                     + (f"\n  {command.strip()}" if command else "") + "\n")
     sys.exit(code)
 
 
@@ -62,6 +65,7 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         message, user = f"{type(e).__name__}: {e}", False
     if not job:
         fail(message)
+    message = message.partition(COMMAND)[0]  # a single run's continue command: the sweep prints its own
     sys.stderr.write(textwrap.fill(f"error in sweep {job}: {' '.join(message.split())}", width=100,
                                    break_on_hyphens=False, break_long_words=False) + "\n")
     _failed_jobs.append((job, _one_line(message), user))
@@ -75,9 +79,9 @@ def _job_name() -> str:
     return f"job {hc.job.num}" + (f" ({' '.join(own)})" if own else "")
 
 
-def _one_line(message: str, limit: int = 160) -> str:
+def _one_line(message: str, limit: int = 240) -> str:
     text = " ".join(message.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[:limit].rstrip(" .") + "..."
 
 
 def _sweep_report() -> None:
@@ -85,8 +89,10 @@ def _sweep_report() -> None:
     failure was a user error, 1 when a job crashed)."""
     listed = "; ".join(f"{job}: {reason}" for job, reason, _ in _failed_jobs)
     fail(f"{len(_failed_jobs)} of {len(_sweep_jobs)} sweep jobs failed, the others ran to their end. "
-         f"Failed: {listed}. Fix the cause, then continue the sweep (failed and unfinished jobs run, "
-         f"finished ones are skipped) with: {_continue}",
+         f"Failed: {listed}. Where the cause lies outside the sweep's values (data, files, a crash), fix "
+         "it and continue the sweep with the command below (failed and unfinished jobs run, finished "
+         "ones are skipped); a job whose own values were wrong needs a new sweep with values that work, "
+         f"since changing them would change the finished jobs too.{COMMAND}{_continue}",
          code=2 if all(user for _, _, user in _failed_jobs) else 1)
 
 

@@ -166,6 +166,20 @@ def test_init_from_starts_a_new_run_from_the_students_weights(make_cfg, tmp_path
     assert lrs[0] == lrs[1]  # a fresh schedule: the same learning rates from step 1
     with pytest.raises(UserError, match="does not fit model.name"):
         train(make_cfg("kd=none", f"trainer.init_from={source}", "model=vit_fmnist_teacher", run="c"))
+    # a stopped run started from weights resumes from its own checkpoint, even once the source is gone
+    copy = tmp_path / "source.pt"
+    copy.write_bytes(source.read_bytes())
+    train(make_cfg("kd=none", f"trainer.init_from={copy}", "trainer.max_steps=2", run="d"))
+    copy.unlink()
+    resumed, _ = train(make_cfg("kd=none", f"trainer.init_from={copy}", "trainer.resume=auto", run="d"))
+    assert resumed["steps"] == 4 and resumed["init_from"] == {"path": str(copy), "step": 4}
+
+
+def test_resuming_a_checkpoint_into_a_new_directory_writes_a_true_record(make_cfg, tmp_path):
+    train(make_cfg("kd=none", "trainer.max_steps=2", run="a"))
+    summary, _ = train(make_cfg("kd=none", f"trainer.resume={tmp_path}/a/checkpoints/last.pt", run="b"))
+    assert summary["steps"] == 4 and (tmp_path / "b/config.yaml").is_file()
+    assert summary["best_checkpoint"] is None or (tmp_path / "b/checkpoints/best.pt").is_file()
 
 
 def test_the_keys_that_may_change_on_resume_are_listed_in_the_readme():
@@ -184,7 +198,8 @@ def test_a_failing_job_does_not_end_a_sweep_and_the_printed_command_continues_it
     assert json.loads((sweep / "1" / "summary.json").read_text())["method"] == "logit"
     text = paragraph(result.stderr)
     assert "1 of 2 sweep jobs failed" in text and "job 0 (kd=deit): kd.terms.deit trains the student's" in text
-    command = text.split("finished ones are skipped) with: ")[1]
+    assert "needs a new sweep" in text
+    command = result.stderr.strip().splitlines()[-1].strip()  # on its own line, unwrapped: it pastes whole
     assert command.startswith("python train.py -m kd=deit,logit") and f"run_name={sweep.name}" in command
     assert command.endswith("trainer.resume=auto")
     summary_before = (sweep / "1" / "summary.json").read_bytes()

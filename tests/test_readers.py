@@ -374,6 +374,8 @@ def test_a_class_map_sets_the_class_order_of_a_folder(tmp_path):
     (tmp_path / "short.txt").write_text("\n".join(string_order[:8]) + "\n")
     with pytest.raises(datasets.UserError, match="does not list the class folders 8, 9 of"):
         open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "f"), class_map=str(tmp_path / "short.txt")))
+    with pytest.raises(datasets.UserError, match="data.class_map=.*missing.txt is not a file"):
+        open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "f"), class_map=str(tmp_path / "missing.txt")))
     fashion = OmegaConf.merge(OmegaConf.load("conf/data/fashion_mnist.yaml"), {"class_map": "map.txt"})
     with pytest.raises(datasets.UserError, match="has a fixed class order"):
         open_splits(fashion)

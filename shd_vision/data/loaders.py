@@ -39,6 +39,9 @@ def open_split(cfg: DictConfig, split: str) -> Dataset:
     if class_map and not timm_reader:
         raise UserError(f"data.class_map={class_map} orders the classes of timm's readers (data=imagefolder, "
                         f"hfds or wds); data.name={cfg.name} has a fixed class order, remove it.")
+    if class_map and not (Path(class_map).is_file() or (cfg.root and (Path(cfg.root) / class_map).is_file())):
+        raise UserError(f"data.class_map={class_map} is not a file (nor one in data.root); give timm's class "
+                        "map: a text file with one class folder name per line, in the teacher's order.")
     if cfg.name == "fashion_mnist":
         return datasets.fashion_mnist(cfg.root, split)
     if cfg.name == "digits":

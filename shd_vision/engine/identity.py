@@ -41,6 +41,7 @@ RESUMABLE = (
 )
 
 LOCK_NAME = ".lock"
+COMMAND = "\n$ "  # in an error message: what follows is a command, printed on its own line (cli.fail)
 
 
 def resumable(key: str) -> bool:
@@ -180,7 +181,7 @@ class RunLock:
                 f"the run directory {self.path.parent} is in use by another run ({self.holder()}), which "
                 "holds its lock until it ends; two runs never write into one directory. Start this one "
                 "elsewhere (run_name=NAME, or leave run_name unset for a new timestamped directory), or "
-                "wait for that run to end (then trainer.resume=auto continues it).") from None
+                "wait for that run to end.") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         self.fd = fd

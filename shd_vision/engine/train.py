@@ -104,7 +104,10 @@ class Run:
         self.classes = splits[2]
         self.random_labels = random_labels(splits[1])
         self.student = create_student(cfg.model, len(self.classes))
-        self.init_from = init_student(self.student, tr.init_from, cfg.model.name) if tr.init_from else None
+        # a resumed run takes its weights (and its init_from record) from its own checkpoint
+        resuming = tr.resume and (tr.resume != "auto" or Checkpoints(run_dir).existing())
+        self.init_from = (init_student(self.student, tr.init_from, cfg.model.name)
+                          if tr.init_from and not resuming else None)
         self.data_config = resolve_input(cfg.data, self.student)
         teacher_model = norm = None
         self.teacher_source: Optional[str] = None
@@ -215,6 +218,7 @@ class Run:
             "rng": rngs,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             "facts": self.facts,
+            "init_from": self.init_from,
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
             "classes": list(self.classes),
             "metrics": {k: v for k, v in self.last_val.items() if k != "confusion"},
@@ -246,6 +250,7 @@ class Run:
         if self.ema is not None and "model_ema" in ckpt:
             self.ema.module.load_state_dict(ckpt["model_ema"])
         self.state = TrainState(**ckpt["state"])
+        self.init_from = ckpt.get("init_from")
         self.last_val = dict(ckpt.get("metrics", {}))
         timing = ckpt.get("timing", {"train_samples": 0, "train_seconds": 0.0, "wall_seconds": 0.0})
         self.throughput = Throughput(self.total_steps, timing)
@@ -275,9 +280,9 @@ class Run:
         kept = (f"the last checkpoint, {last}, is kept" if last.exists() else "no checkpoint had been written yet")
         return (f"{unreadable_message(e)}, so training stopped at step {self.state.step} of {self.total_steps}; "
                 f"{kept}. Replace or delete the file (python -m shd_vision.data.check with this run's data "
-                f"settings lists every unreadable one) and continue with {identity.continue_command(self.cfg.run_name)}, "
-                "or add data.skip_bad_images=true to it to stand the next readable image in for each bad one (each "
-                "is logged once and counted in summary.json).")
+                "settings lists every unreadable one) and continue with the command below, or add "
+                "data.skip_bad_images=true to it to stand the next readable image in for each bad one (each is "
+                f"logged once and counted in summary.json).{identity.COMMAND}{identity.continue_command(self.cfg.run_name)}")
 
     def _fit(self) -> Dict[str, Any]:
         tr = self.cfg.trainer
@@ -430,7 +435,8 @@ class Run:
         """The checked, resolved config as ``config.yaml`` (a resumed run adds its own copy)."""
         if not self.rt.is_main:
             return
-        name = "config.yaml" if self.state.step == 0 else f"config.resumed-at-step-{self.state.step}.yaml"
+        fresh = self.state.step == 0 or not (self.run_dir / "config.yaml").exists()  # resume=PATH elsewhere
+        name = "config.yaml" if fresh else f"config.resumed-at-step-{self.state.step}.yaml"
         (self.run_dir / name).write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
 
     def _log_start(self) -> None:
@@ -518,7 +524,7 @@ class Run:
             "init_from": self.init_from,
             "run_dir": str(self.run_dir),
             "checkpoint": str(self.checkpoints.last),
-            "best_checkpoint": str(self.checkpoints.best),
+            "best_checkpoint": str(self.checkpoints.best) if self.checkpoints.best.exists() else None,
             "export": export,
             "pictures": [str(p) for p in pictures],
             "bad_images": bad_images(self.bad_record),

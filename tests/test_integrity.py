@@ -154,6 +154,7 @@ def test_init_from_starts_a_new_run_from_the_students_weights(make_cfg, tmp_path
     b_cfg = make_cfg("kd=none", f"trainer.init_from={source}", "trainer.ema.enabled=true", run="b")
     (tmp_path / "b").mkdir()
     start = Run(b_cfg, runtime.Runtime(torch.device("cpu")), tmp_path / "b")
+    start.restore()  # no checkpoint of its own: it takes init_from's weights
     for model in (start.student, start.ema.module):  # the student and its EMA start from the weights
         assert all(torch.equal(a["model"][k], v) for k, v in model.state_dict().items())
     assert start.optimizer.state_dict()["state"] == {}  # a fresh optimiser

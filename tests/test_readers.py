@@ -311,7 +311,7 @@ def test_validation_on_shards_counts_each_sample_once(tmp_path, processes):
         count_validation(0, 1, port, cfgs, str(tmp_path))
     else:
         mp.spawn(count_validation, args=(processes, port, cfgs, str(tmp_path)), nprocs=processes)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(processes)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(processes)]
     for shards in (0, 1, 2):
         assert [r[shards]["samples"] for r in ranks] == [32] * processes, shards + 1
         assert sorted(i for r in ranks for i in r[shards]["seen"]) == list(range(32)), shards + 1

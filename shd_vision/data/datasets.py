@@ -253,7 +253,7 @@ def webdataset(name: str, root: Optional[str], split: str, training: bool, batch
         raise UserError(f"data.root={root}: _info.json has no split '{split}'; {layout}.") from None
     ds = IterableImageDataset(root, reader=reader, split=split, is_training=training, batch_size=batch_size)
     classes = ([c for c, _ in sorted(reader.class_to_idx.items(), key=lambda kv: kv[1])] if class_map
-               else ds.reader.info.get("classes"))
+               else reader.info.get("classes"))
     if classes is None and num_classes is None:
         raise UserError(f"data.name={name}: the shards' _info.json lists no classes; set data.num_classes "
                         "or add a \"classes\" list of names to _info.json.")

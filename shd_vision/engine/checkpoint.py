@@ -126,7 +126,7 @@ def load(path: Path, what: str) -> Dict[str, Any]:
 
 def init_student(student: nn.Module, path: str, model_name: str) -> Dict[str, Any]:
     """``trainer.init_from``: load another run's student weights into a new run's ``student``
-    (built before its EMA, which thus starts from them; optimiser and schedule start fresh).
+    (optimiser and schedule start fresh).
 
     Returns:
         What the summary records: the checkpoint's absolute path and its run's step.

@@ -144,7 +144,7 @@ def checkpoint_to_resume(cfg: DictConfig, checkpoints: Checkpoints, rt: runtime.
     return path, ckpt
 
 
-def finished_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
+def finished_summary(run_dir: Path, step: int, total_steps: int) -> Optional[Dict[str, Any]]:
     """The summary of a run whose resumed state is already at its end, if that run had finished
     (not stopped): ``trainer.resume=auto`` then leaves it as it is, which is how a continued
     sweep skips its finished jobs."""
@@ -152,8 +152,8 @@ def finished_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
     summary = json.loads(path.read_text()) if path.is_file() else {}
     if summary.get("status") != "finished":
         return None
-    log.info("%s finished already (step %d of %d); its summary.json stands, nothing to do", run_dir,
-             summary["steps"], summary["steps"])
+    log.info("%s finished already (step %d of %d); its summary.json stands, nothing to do", run_dir, step,
+             total_steps)
     return summary
 
 

@@ -104,10 +104,7 @@ class Run:
         self.classes = splits[2]
         self.random_labels = random_labels(splits[1])
         self.student = create_student(cfg.model, len(self.classes))
-        # a resumed run takes its weights (and its init_from record) from its own checkpoint
-        resuming = tr.resume and (tr.resume != "auto" or Checkpoints(run_dir).existing())
-        self.init_from = (init_student(self.student, tr.init_from, cfg.model.name)
-                          if tr.init_from and not resuming else None)
+        self.init_from: Optional[Dict[str, Any]] = None  # trainer.init_from's record, set by restore()
         self.data_config = resolve_input(cfg.data, self.student)
         teacher_model = norm = None
         self.teacher_source: Optional[str] = None
@@ -237,9 +234,14 @@ class Run:
         runtime.barrier(self.rt)
 
     def restore(self) -> None:
-        """Continue from ``trainer.resume`` (``auto``: this run's newest readable checkpoint)."""
+        """Continue from ``trainer.resume`` (``auto``: this run's newest readable checkpoint), or
+        start from ``trainer.init_from``'s student weights (a resumed run has its own)."""
         found = identity.checkpoint_to_resume(self.cfg, self.checkpoints, self.rt, self.facts)
         if found is None:
+            if self.cfg.trainer.init_from:
+                self.init_from = init_student(self.student, self.cfg.trainer.init_from, self.cfg.model.name)
+                if self.ema is not None:  # the EMA starts from those weights too
+                    self.ema.module.load_state_dict(self.student.state_dict())
             return
         path, ckpt = found
         self.student.load_state_dict(ckpt["model"])
@@ -264,7 +266,7 @@ class Run:
         runtime.seed_everything(self.cfg.seed + self.rt.rank)  # per-rank streams for dropout, mixup
         self.restore()
         if self.state.step >= self.total_steps or self.state.epoch >= self.cfg.trainer.epochs:
-            summary = identity.finished_summary(self.run_dir)
+            summary = identity.finished_summary(self.run_dir, self.state.step, self.total_steps)
             if summary is not None:  # resume=auto on a finished run (a sweep continued): nothing to do
                 return summary
         self._write_config()

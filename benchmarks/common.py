@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DISTILLED = "<distilled student>"  # stands for the preset's student with a distillation token
+CACHED = "<teacher cache>"  # the teacher's top-10 float16 logits replayed (teacher.cache), not its forward
 PRESETS: Dict[str, Dict[str, Any]] = {
     # the embedded default's pair: 6-head teacher, 3-head student, 28x28 grey, patches of 4
     "tiny": {"overrides": ["model=vit_fmnist_student", "teacher=vit_fmnist_teacher"],
@@ -35,16 +36,19 @@ def build_step(preset: str, kd: List[str], device: torch.device, batch: int, pre
     ``preset`` with the kd overrides, on a fixed random batch. Returns ``(step, teacher_forward)``,
     the second None when the method uses no teacher. ``tf32``: float32 matmuls on TF32 tensor
     cores (CUDA), as ``trainer.tf32`` does."""
+    from shd_vision.cache import dense_logits, sparse_logits
     from shd_vision.config import compose_train
     from shd_vision.distill import Batch, Distiller
     from shd_vision.distill.base import active_terms, uses_teacher
     from shd_vision.engine.runtime import Runtime, autocast
     from shd_vision.models.factory import build, input_size
+    from shd_vision.models.taps import Outputs, Recorded
     from shd_vision.models.teacher import Teacher
 
     p = PRESETS[preset]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    kd = [p["distilled"] if o == DISTILLED else o for o in kd]
+    cached = CACHED in kd
+    kd = [p["distilled"] if o == DISTILLED else o for o in kd if o != CACHED]
     cfg = compose_train([*p["overrides"], *kd, *model_overrides])
     terms = active_terms(cfg.kd)
     student = build(cfg.model, p["classes"], "model")
@@ -69,10 +73,20 @@ def build_step(preset: str, kd: List[str], device: torch.device, batch: int, pre
     y = torch.randint(p["classes"], (batch,), device=device)
     rt = Runtime(device)
     use_teacher = uses_teacher(terms)
+    if cached:  # what CachedTeacher does per step: a part row on the CPU, to the device, rebuilt
+        with torch.no_grad(), autocast(rt, precision):
+            values, indices, lse = sparse_logits(teacher(x).logits, 10)
+        stored = (values.half().cpu(), indices.short().cpu(), lse.cpu())
+
+    def teacher_outputs():
+        if not cached:
+            return teacher(x)
+        v, i, lse_ = (t.to(device, non_blocking=True) for t in stored)
+        return Outputs(dense_logits(v, i, lse_, p["classes"]), None, Recorded(), None, None)
 
     def step() -> None:
         with autocast(rt, precision):
-            t_out = teacher(x) if use_teacher else None
+            t_out = teacher_outputs() if use_teacher else None
             terms_out, _, _ = distiller(Batch(x, y, y), t_out)
             loss = sum(terms_out.values())
         loss.backward()
@@ -81,7 +95,7 @@ def build_step(preset: str, kd: List[str], device: torch.device, batch: int, pre
 
     def teacher_forward() -> None:
         with autocast(rt, precision):
-            teacher(x)
+            teacher_outputs()
 
     return step, (teacher_forward if use_teacher else None)
 

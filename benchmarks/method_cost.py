@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DISTILLED, PRESETS, build_step, machine, peak_mb, reset_peak, run_isolated, table, time_it  # noqa: E402
+from common import CACHED, DISTILLED, PRESETS, build_step, machine, peak_mb, reset_peak, run_isolated, table, time_it  # noqa: E402
 
 METHODS = {
     "none (CE)": ["kd=none"],
     "logit": ["kd=logit"],
+    "logit from cache": ["kd=logit", CACHED],
     "deit hard": ["kd=deit", DISTILLED],
     "deit soft": ["kd=deit", "kd.terms.deit.mode=soft", DISTILLED],
     "fitnet": ["kd=fitnet"],
@@ -87,7 +88,8 @@ def main() -> None:
     base = med["logit"]
     rows = []
     for m, v in med.items():
-        overrides = " ".join(METHODS[m]).replace(DISTILLED, PRESETS[args.preset]["distilled"])
+        overrides = " ".join(METHODS[m]).replace(DISTILLED, PRESETS[args.preset]["distilled"]).replace(
+            CACHED, "teacher.cache=DIR (top-10 float16)")
         if "error" in v:
             rows.append([m, overrides, f"{v['error']} at batch {args.batch}", *["-"] * 5])
             continue
@@ -98,8 +100,11 @@ def main() -> None:
           f"median of {args.rounds} rounds x {args.steps} steps\n")
     print(table(["method", "overrides", "ms/step", "x logit", "images/s", "peak MB", "x logit",
                  "teacher share"], rows))
+    if "none (CE)" in med and "error" not in med.get("logit from cache", {"error": 1}):
+        print(f"\nlogit KD from the cache trains at {med['none (CE)']['step_s'] / med['logit from cache']['step_s']:.2f}x "
+              f"CE's images/s; live logit KD at {med['none (CE)']['step_s'] / base['step_s']:.2f}x.")
     print("\npeak MB: CUDA allocations on a GPU; on a CPU the process's peak resident memory, models "
-          "included. teacher share: the teacher's forward alone, over the whole step.")
+          "included. teacher share: the teacher's forward (from the cache: the replay) alone, over the whole step.")
 
 
 if __name__ == "__main__":

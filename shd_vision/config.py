@@ -211,6 +211,24 @@ class TrainConfig(TaskConfig):
 
 
 @dataclass
+class CacheOptions:
+    """How ``python -m shd_vision.cache`` stores the teacher's logits (methods.md §10)."""
+
+    top_k: int = greater_than(0)
+    dtype: str = one_of("float16", "float32", default="float16")
+    dir: str = MISSING
+    resume: Optional[str] = one_of("auto", default=None)
+    processes: Optional[int] = greater_than(0, None)  # the planned run's; null: this launch's
+
+
+@dataclass
+class CacheConfig(TrainConfig):
+    """A train config (the planned run) plus how its teacher's logits are stored."""
+
+    cache: CacheOptions = field(default_factory=CacheOptions)
+
+
+@dataclass
 class EvalConfig(TaskConfig):
     ckpt: str = MISSING
     use_ema: bool = MISSING
@@ -262,7 +280,7 @@ def register_schemas() -> None:
     them first: ``- schema: train``)."""
     cs = ConfigStore.instance()
     for name, node in (("train", TrainConfig), ("eval", EvalConfig), ("quickstart", QuickstartConfig),
-                       ("viz", VizConfig), ("report", ReportConfig)):
+                       ("cache", CacheConfig), ("viz", VizConfig), ("report", ReportConfig)):
         cs.store(group="schema", name=name, node=node, package="_global_")
 
 

@@ -34,7 +34,8 @@ from shd_vision.errors import UserError
 log = logging.getLogger("shd_vision.report")
 
 # Keys that differ between runs without being a setting: where files go, how a run was named.
-IGNORED = ("paths.", "run_name", "hydra.", "trainer.resume", "trainer.threads")
+IGNORED = ("paths.", "run_name", "hydra.", "trainer.resume", "trainer.threads",
+           "teacher.cache")  # a cache's path differs per seed; the table's teacher column says what it held
 
 
 @dataclass
@@ -113,6 +114,17 @@ def paired_difference(runs: List[Run], reference: List[Run], seed_key: str = "se
     return {"diff": mean, "ci": (mean - half, mean + half), "pairs": len(diffs)}
 
 
+def teacher_source(runs: List[Run]) -> str:
+    """Where a row's teacher logits came from: ``live``, ``cache top-K dtype`` (teacher.cache), or
+    ``none``; rows that mixed them list each."""
+    kinds = set()
+    for r in runs:
+        cache = r.summary.get("teacher_cache")
+        kinds.add("none" if r.summary.get("teacher") is None else
+                  f"cache top-{cache['top_k']} {cache['dtype']}" if cache else "live")
+    return " + ".join(sorted(kinds))
+
+
 def row_label(keys: List[str], row: Dict[str, Any]) -> str:
     return ", ".join(str(row[k]) if len(keys) == 1 else f"{k.split('.')[-1]}={row[k]}" for k in keys) or "runs"
 
@@ -137,6 +149,7 @@ def summarise(runs: List[Run], by: Optional[List[str]] = None,
         seconds = statistics.median(r.summary["wall_time_s"] for r in members)
         gains = [g for g in map(last_quarter_gain, members) if g is not None]
         rows.append({**dict(zip(keys, values)), "top1": top1, "top1_std": top1_std, "seeds": len(members),
+                     "teacher": teacher_source(members),
                      "gain": statistics.fmean(gains) if gains else None,
                      "samples_per_s": rate, "wall_time_s": seconds, "runs": members})
     rows.sort(key=lambda r: -r["top1"])
@@ -161,11 +174,12 @@ def _diff(d: Optional[Dict[str, Any]]) -> str:
 
 
 def markdown(keys: List[str], rows: List[Dict[str, Any]], references: List[str] = ()) -> str:
-    head = keys + ["top-1 (%)", "seeds", "last-quarter gain"] + [f"vs {ref} (95% CI)" for ref in references]
-    head += ["train images/s", "time"]
+    cached = any(r["teacher"].startswith("cache") for r in rows)  # the column only where a row used a cache
+    head = keys + ["teacher"] * cached + ["top-1 (%)", "seeds", "last-quarter gain"]
+    head += [f"vs {ref} (95% CI)" for ref in references] + ["train images/s", "time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(keys) + "---:|" * (len(head) - len(keys))]
     for r in rows:
-        cells = [str(r[k]) for k in keys]
+        cells = [str(r[k]) for k in keys] + [r["teacher"]] * cached
         cells += [f"{r['top1']:.2f} ± {r['top1_std']:.2f}", str(r["seeds"]),
                   "–" if r["gain"] is None else f"{r['gain']:+.2f}"]
         cells += ["" if row_label(keys, r) == ref else _diff(r["vs"][ref]) for ref in references]
@@ -255,6 +269,9 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
     table = markdown(keys, rows, references)
     notes = [f"{validated_on(runs)}; mean ± std over seeds; last-quarter gain: top-1 at the end minus at 75% "
              "of training (mean over seeds)"]
+    if any(r["teacher"].startswith("cache") for r in rows):
+        notes.append("teacher: live (the teacher ran in every step) or cache top-K (its K largest logits per row "
+                     "replayed from python -m shd_vision.cache; with K = the classes in float32, exactly the live run)")
     if references:
         notes.append("vs: this row's top-1 minus the reference row's, paired by seed, mean and t-based 95% "
                      "confidence interval")

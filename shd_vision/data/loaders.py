@@ -3,7 +3,8 @@
 Augmentation is a pure function of ``(seed, epoch, position in the epoch)``: the train sampler
 hands each item its own seed, and the dataset seeds the RNGs from it before transforming. A run
 resumed in the middle of an epoch, or run on another number of workers or processes, therefore
-sees the same augmented images as an uninterrupted one.
+sees the same augmented images as an uninterrupted one. Mixup/CutMix of a batch is likewise a
+function of ``(seed, epoch, batch, rank)``, so the teacher cache can replay every mixed batch.
 """
 
 from __future__ import annotations
@@ -201,6 +202,12 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
 
 
+def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """The mixup seed of ``rank``'s ``batch``-th batch of ``epoch`` (a longer key than an item's
+    seed, so the two streams never coincide)."""
+    return int(np.random.SeedSequence([seed, epoch, batch, rank, 0]).generate_state(1)[0])
+
+
 class SeededItems(Dataset):
     """Fetches ``(index, seed)`` items: seeds Python's, NumPy's and torch's CPU RNGs, then
     transforms. (``torch.manual_seed`` would also seed every CUDA device, at ~2 ms a call.)"""
@@ -262,9 +269,10 @@ class ShardSampler(Sampler):
 
 class BatchTargets:
     """Turns a batch's labels into training targets: timm's Mixup/CutMix, or smoothed one-hot
-    labels, or the labels themselves. ``F.cross_entropy`` takes all three forms."""
+    labels, or the labels themselves. ``F.cross_entropy`` takes all three forms. timm's Mixup draws
+    from NumPy's global RNG, which is seeded per batch (:func:`batch_seed`) and then restored."""
 
-    def __init__(self, cfg: DictConfig, num_classes: int):
+    def __init__(self, cfg: DictConfig, num_classes: int, seed: int, rank: int):
         m = cfg.mixup
         self.mixup = None
         if m.mixup_alpha > 0 or m.cutmix_alpha > 0:
@@ -274,10 +282,15 @@ class BatchTargets:
                                switch_prob=m.switch_prob, mode=m.mode,
                                label_smoothing=m.label_smoothing, num_classes=num_classes)
         self.smoothing, self.num_classes = m.label_smoothing, num_classes
+        self.seed, self.rank = seed, rank
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch: int
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The images (mixed) and targets of this rank's ``batch``-th batch of ``epoch``."""
         if self.mixup is not None:
-            return self.mixup(images, labels)
+            with isolated_rng():
+                np.random.seed(batch_seed(self.seed, epoch, batch, self.rank))
+                return self.mixup(images, labels)
         if self.smoothing > 0:
             return images, mixup_target(labels, self.num_classes, 1.0, self.smoothing)
         return images, labels
@@ -376,8 +389,8 @@ def build_data(cfg: DictConfig, splits: Tuple[Dataset, Dataset, Sequence[str]], 
                               num_workers=cfg.num_workers, pin_memory=_pin(cfg), drop_last=True,
                               generator=_own_generator())
     val_loader = build_val_loader(cfg, val, data_cfg, rank, world, bad_record)
-    return Data(train_loader, val_loader, sampler, BatchTargets(cfg, len(classes)), list(classes), data_cfg,
-                len(train), len(val_loader.dataset))
+    return Data(train_loader, val_loader, sampler, BatchTargets(cfg, len(classes), seed, rank), list(classes),
+                data_cfg, len(train), len(val_loader.dataset))
 
 
 class StreamEpochs:
@@ -408,7 +421,7 @@ def _stream_data(cfg: DictConfig, train: IterableDataset, val: Dataset, classes:
     loader = DataLoader(train, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=_pin(cfg),
                         drop_last=True, generator=_own_generator())
     val_loader = build_val_loader(cfg, val, data_cfg, rank, world)
-    return Data(loader, val_loader, StreamEpochs(loader, seed, rank), BatchTargets(cfg, len(classes)),
+    return Data(loader, val_loader, StreamEpochs(loader, seed, rank), BatchTargets(cfg, len(classes), seed, rank),
                 list(classes), data_cfg, train.reader.per_worker * world * cfg.num_workers,
                 val.reader.split_info.num_samples, world * cfg.num_workers)
 

@@ -74,6 +74,7 @@ class Method(nn.Module, abc.ABC):
     name: ClassVar[str]
     Config: ClassVar[type] = TermConfig
     uses_teacher: ClassVar[bool] = True
+    teacher_logits_only: ClassVar[bool] = False  # reads nothing of the teacher but its logits (a cache serves it)
 
     def __init__(self, cfg: Any, student: nn.Module, teacher: Optional[nn.Module]):
         super().__init__()

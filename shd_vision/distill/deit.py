@@ -27,6 +27,7 @@ class DeiTDistillation(Method):
     """Hard: ``CE(dist_logits, argmax z_t)``; soft: ``kd_loss(dist_logits, z_t, T)``."""
 
     Config = DeiTConfig
+    teacher_logits_only = True
 
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)

@@ -38,6 +38,7 @@ class LogitKD(Method):
     """``kd_loss`` between the student's logits and the teacher's."""
 
     Config = LogitConfig
+    teacher_logits_only = True
 
     def needs(self) -> Needs:
         return Needs()

@@ -42,6 +42,7 @@ from shd_vision.engine.metrics import evaluate
 from shd_vision.errors import UserError
 from shd_vision.models.factory import create_student, create_teacher, describe
 from shd_vision.models.teacher import Teacher, check_teacher_top1
+from shd_vision.cache import CachedTeacher, logits_only, open_cache
 from shd_vision.models.weights import FORMAT_KEY
 from shd_vision.viz.attention import render
 from shd_vision.viz.plots import confusion_png, curves_png
@@ -108,12 +109,17 @@ class Run:
         self.data_config = resolve_input(cfg.data, self.student)
         teacher_model = norm = None
         self.teacher_source: Optional[str] = None
+        cached = False
         if uses_teacher(terms):
             if cfg.teacher is None:
                 raise UserError(f"kd={cfg.kd.name} distils from a teacher (terms: {', '.join(terms)}) "
                                 "but teacher is null; pick one, e.g. teacher=deit_small, or use kd=none.")
-            teacher_model, norm, self.teacher_source = create_teacher(cfg.teacher, len(self.classes),
-                                                                      tr.allow_random_teacher)
+            cached = bool(cfg.teacher.get("cache"))
+            if cached:  # opened once the run's facts are known
+                logits_only(terms, f"teacher.cache={cfg.teacher.cache}")
+            else:
+                teacher_model, norm, self.teacher_source = create_teacher(cfg.teacher, len(self.classes),
+                                                                          tr.allow_random_teacher)
         self.distiller = Distiller(self.student, terms, teacher_model)
         needs = self.distiller.needs
         self.teacher = None if teacher_model is None else Teacher(
@@ -146,17 +152,21 @@ class Run:
             step_on_epochs=False)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=tr.precision == "fp16")
         self.ema = ModelEmaV3(self.student, decay=tr.ema.decay, use_warmup=tr.ema.warmup) if tr.ema.enabled else None
+        self.total_steps = tr.epochs * self.updates_per_epoch
+        if tr.max_steps:
+            self.total_steps = min(self.total_steps, tr.max_steps)
+        self.facts = identity.run_facts(self.global_batch, rt.world, self.data.train_images, self.classes,
+                                        self.data.stream_workers)
+        if cached:
+            self.teacher = open_cache(cfg, self.data_config, self.facts,
+                                      math.ceil(self.total_steps / self.updates_per_epoch), rt.rank, rt.device)
+            self.teacher_source = self.teacher.description
         if rt.distributed:
             self._freeze_unreached()
         self.model = (DistributedDataParallel(self.distiller, device_ids=[rt.device.index]
                                               if rt.device.type == "cuda" else None)
                       if rt.distributed else self.distiller)
-        self.total_steps = tr.epochs * self.updates_per_epoch
-        if tr.max_steps:
-            self.total_steps = min(self.total_steps, tr.max_steps)
         self.throughput = Throughput(self.total_steps)  # restore() adds the earlier sessions of a resumed run
-        self.facts = identity.run_facts(self.global_batch, rt.world, self.data.train_images, self.classes,
-                                        self.data.stream_workers)
         self.checkpoints = Checkpoints(run_dir)
         self.loss_watch = LossWatch(rt.device)
         self._told_eta = False
@@ -168,6 +178,11 @@ class Run:
             sinks.append(WandbSink(cfg.logger.wandb, run_dir, OmegaConf.to_container(cfg, resolve=True),
                                    _sweep_name()))
         self.logbook = Logbook(run_dir, rt.is_main, cfg.logger.csv, sinks)
+
+    @property
+    def cached(self) -> bool:
+        """Whether the teacher's logits come from a cache (``teacher.cache``)."""
+        return isinstance(self.teacher, CachedTeacher)
 
     def _freeze_unreached(self) -> None:
         """Freeze what no active term trains, so DDP (which waits for every parameter's gradient)
@@ -289,10 +304,14 @@ class Run:
     def _fit(self) -> Dict[str, Any]:
         tr = self.cfg.trainer
         if self.teacher is not None and tr.eval_teacher:
-            self.teacher_top1 = evaluate(self.teacher.predict, self.data.val, len(self.classes), self.rt,
-                                         tr.precision, tr.channels_last)["top1"]
-            log.info("teacher top-1 on the validation set: %.2f%%", self.teacher_top1)
-            if not (self.random_labels or self.teacher_source.startswith("random")):
+            self.teacher_top1 = (self.teacher.val_top1 if isinstance(self.teacher, CachedTeacher) else
+                                 evaluate(self.teacher.predict, self.data.val, len(self.classes), self.rt,
+                                          tr.precision, tr.channels_last)["top1"])
+            if self.teacher_top1 is None:
+                log.info("teacher top-1 on the validation set: not known (its cache was measured on other images)")
+            else:
+                log.info("teacher top-1 on the validation set: %.2f%%", self.teacher_top1)
+            if not (self.teacher_top1 is None or self.random_labels or self.teacher_source.startswith("random")):
                 check_teacher_top1(self.teacher_top1, len(self.classes), tr.teacher_floor)
         throughput = self.throughput
         with StopSignals() as signals:
@@ -334,14 +353,15 @@ class Run:
             labels = labels.to(self.rt.device, non_blocking=True)
             if tr.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            images, targets = self.data.targets(images, labels)
+            images, targets = self.data.targets(images, labels, st.epoch, st.epoch_batches)
             batch = Batch(images, targets, targets.argmax(-1) if targets.ndim == 2 else targets)
+            with runtime.autocast(self.rt, tr.precision):
+                teacher_out = self.teacher.outputs(images, st.epoch, st.epoch_batches) if self.teacher else None
             st.epoch_batches += 1
             update = st.epoch_batches % tr.accumulate == 0
             sync = contextlib.nullcontext() if update or not self.rt.distributed else self.model.no_sync()
             with sync:
                 with runtime.autocast(self.rt, tr.precision):
-                    teacher_out = self.teacher(images) if self.teacher is not None else None
                     terms, extra, _ = self.model(batch, teacher_out)
                     loss = sum(terms.values())
                 self.loss_watch.record(st.step + 1, loss, terms)
@@ -446,8 +466,8 @@ class Run:
         terms = " + ".join(f"{w:g}·{n}" for n, w in self.distiller.weights.items())
         log.info("run directory: %s", self.run_dir)
         log.info("student %s", describe(self.student))
-        log.info("teacher %s", f"{describe(self.teacher.model)}, weights: {self.teacher_source}"
-                 if self.teacher is not None else "none")
+        log.info("teacher %s", "none" if self.teacher is None else self.teacher_source if self.cached else
+                 f"{self.teacher.description}, weights: {self.teacher_source}")
         log.info("kd=%s: %s", cfg.kd.name, terms)
         log.info("data %s: %d train / %d val images, %d classes, input %s | %d process(es) on %s",
                  cfg.data.name, self.data.train_images, self.data.val_images, len(self.classes),
@@ -510,7 +530,9 @@ class Run:
             "terms": dict(self.distiller.weights),
             "model": cfg.model.name,
             "student": describe(self.student),
-            "teacher": describe(self.teacher.model) if self.teacher is not None else None,
+            "teacher": self.teacher.description if self.teacher is not None else None,
+            "teacher_cache": ({k: self.teacher.header[k] for k in ("top_k", "dtype")} | {"dir": str(self.teacher.dir)}
+                              if self.cached else None),
             "top1": self.last_val["top1"],
             "top5": self.last_val["top5"],
             "val_loss": self.last_val["loss"],

@@ -24,7 +24,7 @@ from shd_vision.models.weights import FORMAT_KEY, exported_config, read_file, st
 log = logging.getLogger(__name__)
 
 # Keys of a model/teacher config that shd-vision reads itself; the rest go to timm.create_model.
-OWN_KEYS = ("name", "pretrained", "checkpoint", "use_ema", "mean", "std")
+OWN_KEYS = ("name", "pretrained", "checkpoint", "use_ema", "mean", "std", "cache")
 
 
 def _as_dict(spec: Mapping | DictConfig) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ from timm.task import DistillationTeacher
 from torch import Tensor, nn
 
 from shd_vision.errors import UserError
-from shd_vision.models.factory import input_size
+from shd_vision.models.factory import describe, input_size
 from shd_vision.models.taps import Capture, Outputs, Tap, token_layout
 
 LUMA = (0.299, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -90,6 +90,15 @@ class Teacher(nn.Module):
         if self.size is not None:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
         return x
+
+    @property
+    def description(self) -> str:
+        return describe(self.model)
+
+    def outputs(self, images: Tensor, epoch: int, batch: int) -> Outputs:
+        """The outputs for the ``batch``-th training batch of ``epoch`` (the position matters to a
+        teacher cache, ``shd_vision.cache``, which replays them; a live teacher computes them)."""
+        return self(images)
 
     def forward(self, images: Tensor) -> Outputs:
         """The teacher's logits ``[B, C]`` and what the methods asked to capture."""

@@ -367,9 +367,12 @@ class _Writer:
         problem = None
         if self.rt.is_main:
             found = _read_json(self.dir / HEADER)
-            problem = self._refusal(found)
-            if problem is None:
-                _write_json({**self.header, "validation": self._validation(found)}, self.dir / HEADER)
+            try:
+                problem = self._refusal(found)
+                if problem is None:
+                    _write_json({**self.header, "validation": self._validation(found)}, self.dir / HEADER)
+            except UserError as e:  # a teacher below its floor: every process stops, none waits
+                problem = str(e)
         problem = runtime.broadcast(problem, self.rt)
         if problem:
             raise UserError(problem)

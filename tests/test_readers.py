@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import debug_args, run_cli
+from shd_vision.cache import write_cache
+from shd_vision.config import compose_train
 from shd_vision.data import datasets
 from shd_vision.data.loaders import build_data, open_splits
 
@@ -415,3 +417,10 @@ def test_plain_integer_labels_give_the_class_count(tmp_path, monkeypatch):
     result = run_cli("train.py", *debug_args(tmp_path, *args), env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "64 train / 32 val images, 10 classes" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_the_teacher_cache_refuses_a_stream(written, tmp_path):
+    cfg = compose_train([*shard_args(written, tmp_path), f"cache.dir={tmp_path}/cache"], config_name="cache")
+    with pytest.raises(datasets.UserError, match="is read as a stream .* a cache cannot replay exactly"):
+        write_cache(cfg)
+    assert not list((tmp_path / "cache").glob("epoch-*"))

@@ -2,7 +2,8 @@
 
 For each preset: every method's cost relative to logit KD (method_cost.py), AMP /
 channels_last / torch.compile (speedups.py) and loader against step throughput (loader.py);
-then SHD's growth with tokens and heads (shd_scaling.py). The DeiT presets are meant for a GPU.
+then SHD's growth with tokens and heads (shd_scaling.py) and the teacher cache against CE and a
+live teacher (cache.py). The DeiT presets are meant for a GPU.
 
     python benchmarks/all.py --out benchmarks/results/cpu.md                 # tiny pair (CPU default)
     python benchmarks/all.py --presets tiny deit_s_ti deit_b_s --out benchmarks/results/h100.md
@@ -49,6 +50,7 @@ def main() -> None:
         parts.append(section(f"{preset}: loader against step", "loader.py", "--preset", preset,
                              "--workers", *args.workers))
     parts.append(section("SHD against tokens N and heads H", "shd_scaling.py"))
+    parts.append(section("The teacher cache end to end (embedded default)", "cache.py"))
     document = "\n".join(parts)
     print(document)
     if args.out:

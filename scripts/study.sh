@@ -3,12 +3,19 @@
 #   1. the teacher (digits: trained once, cached in logs/teachers/; Fashion-MNIST: shipped);
 #   2. sweeps on held-out training images (data.holdout, one seed, 4 trials per method): the logit
 #      temperature T on logit KD, then SHD's τ and weight on SHD + KD, MiniLMv2's relation heads and
-#      weight on MiniLMv2 + KD (both with the chosen T); never on the images the table reports;
+#      weight on MiniLMv2 + KD (both with the chosen T); never on the images the table reports; a
+#      chosen weight or temperature at the edge of its grid extends the grid (tune() below);
 #   3. every study row (conf/study/) x 3 seeds with the chosen values, validated on the test images
 #      (the comparison SHD must win first: CE, logit KD, MiniLMv2, SHD + KD; then the other
 #      baselines; then SHD's ablations);
 #   4. the report, with each row paired by seed against logit KD and MiniLMv2.
 #   bash scripts/study.sh fashion_mnist|digits [train.py overrides for every run]
+# The head-ratio study (fashion_mnist_ratio): students of the same width and depth with 3, 2 and 1
+# heads under the 6-head teacher (ratios 2, 3, 6), each with its own sweeps (logit T; τ and
+# weight of SHD + KD with progressive, select and mean merging; MiniLMv2's relation heads and
+# weight) and the rows CE, logit KD, MiniLMv2 + KD and SHD + KD with each merge x 3 seeds; the
+# report after each ratio pairs SHD + KD against MiniLMv2 + KD, select and mean at every ratio
+# and draws top-1 against the head count (trend.png).
 # Rerunning it continues an interrupted study: each run resumes from its last checkpoint and
 # finished runs are skipped. STUDY_LOGS=DIR puts every run under DIR instead of logs/.
 # STUDY_CACHE=K: the rows that read only the teacher's logits (the logit sweep, logit KD, DeiT
@@ -18,9 +25,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  fashion_mnist) prefix=fmnist; holdout=5000 ;;
-  digits) prefix=digits; holdout=287 ;;
-  *) echo "study.sh: the data set is '${1:-}'; give fashion_mnist or digits." >&2; exit 2 ;;
+  fashion_mnist) prefix=fmnist; holdout=5000; study=methods ;;
+  fashion_mnist_ratio) prefix=fmnist; holdout=5000; study=ratio ;;
+  digits) prefix=digits; holdout=287; study=methods ;;
+  *) echo "study.sh: the study is '${1:-}'; give fashion_mnist, fashion_mnist_ratio or digits." >&2; exit 2 ;;
 esac
 shift
 bash scripts/install.sh
@@ -40,21 +48,55 @@ caches() {  # name, seeds, plan overrides: with STUDY_CACHE, one cache per seed,
   done
   echo "teacher.cache=$dir/seed\${seed}"
 }
-best() {  # sweep name, then the swept keys: the best trial's overrides
-  local name=$1; shift
-  $py -m shd_vision.report dir=$root/sweep/$name "by=[$(IFS=,; echo "$*")]" >/dev/null
-  cat $root/sweep/$name/best_overrides.txt
+tune() {  # sweep name, swept keys (k1,k2), their grid ("k1=a,b k2=c,d"), the keys it may extend, fixed overrides...
+  # The grid on held-out images; while a chosen value of an extendable key lies at an end of the
+  # values tried, the points one step past it (x3 above, /3 below: report.py's extend.txt) run
+  # too, up to STUDY_EXTEND rounds (default 3). Prints the best trial's overrides.
+  local name=$1 keys=$2 grid=$3 extend=$4 dir=$root/$sweeps/$1 r=0 i more edges; shift 4
+  run $sweep $grid "$@" run_name=$sweeps/$name/r0 >&2
+  while $py -m shd_vision.report dir=$dir "by=[$keys]" "extend=[$extend]" >/dev/null 2>&1 && [ -s $dir/extend.txt ] \
+      && [ $r -lt "${STUDY_EXTEND:-3}" ]; do
+    r=$((r + 1)); i=0
+    while read -r -u 3 more; do run $sweep $more "$@" run_name=$sweeps/$name/r$r-$i >&2; i=$((i + 1)); done 3< $dir/extend.txt
+  done
+  edges=$(grep -o "EDGE: .*" $dir/results.md || true)
+  echo "sweep $name, $r extension(s) (cap STUDY_EXTEND=${STUDY_EXTEND:-3}): ${edges:-every chosen value is interior}" \
+    | tee -a $root/$sweeps/edges.txt >&2
+  cat $dir/best_overrides.txt
 }
 sweep="seed=0 data.holdout=$holdout"
-run $sweep study=logit kd.terms.logit.temperature=1,2,4,8 $(caches holdout 0 data.holdout=$holdout "$@") \
-  run_name=sweep/logit "$@"
-T=$(best logit kd.terms.logit.temperature)
-run $sweep study=shd_logit $T kd.terms.shd.temperature=1,2 kd.terms.shd.weight=1,3 run_name=sweep/shd "$@"
-SHD=$(best shd kd.terms.shd.temperature kd.terms.shd.weight)
-run $sweep study=minilm $T kd.terms.minilm.relation_heads=4,12 kd.terms.minilm.weight=1,3 run_name=sweep/minilm "$@"
-MINILM=$(best minilm kd.terms.minilm.relation_heads kd.terms.minilm.weight)
-echo "chosen on held-out training images: $T | $SHD | $MINILM" | tee $root/sweep/chosen.txt
 seeds=seed=0,1,2  # seed-major: a study cut short has as many seeds in every row of a stage
+SHD_GRID=("kd.terms.shd.temperature,kd.terms.shd.weight" "kd.terms.shd.temperature=1,2 kd.terms.shd.weight=1,3"
+          "kd.terms.shd.temperature,kd.terms.shd.weight")
+MINILM_GRID=("kd.terms.minilm.relation_heads,kd.terms.minilm.weight"
+             "kd.terms.minilm.relation_heads=4,12 kd.terms.minilm.weight=1,3" kd.terms.minilm.weight)
+if [ $study = ratio ]; then
+  for heads in 3 2 1; do  # a finished ratio is reported before the next starts
+    H=model.num_heads=$heads sweeps=ratio/sweep/h$heads rows=ratio/study/h$heads
+    T=$(tune logit kd.terms.logit.temperature kd.terms.logit.temperature=1,2,4,8 kd.terms.logit.temperature \
+      study=logit $H "$@")
+    SHD=$(tune shd "${SHD_GRID[@]}" study=shd_logit $H $T "$@")
+    SELECT=$(tune shd_select "${SHD_GRID[@]}" study=shd_logit_select $H $T "$@")
+    MEAN=$(tune shd_mean "${SHD_GRID[@]}" study=shd_logit_mean $H $T "$@")
+    MINILM=$(tune minilm "${MINILM_GRID[@]}" study=minilm $H $T "$@")
+    echo "$heads heads, chosen on held-out training images: $T | progressive $SHD | select $SELECT | mean $MEAN |" \
+      "$MINILM" | tee $root/$sweeps/chosen.txt
+    run $seeds $H study=ce,logit $T run_name=$rows/base "$@"
+    run $seeds $H study=minilm $T $MINILM run_name=$rows/minilm "$@"
+    run $seeds $H study=shd_logit $T $SHD run_name=$rows/shd_logit "$@"
+    run $seeds $H study=shd_logit_select $T $SELECT run_name=$rows/shd_logit_select "$@"
+    run $seeds $H study=shd_logit_mean $T $MEAN run_name=$rows/shd_logit_mean "$@"
+    $py -m shd_vision.report dir=$root/ratio/study "by=[model.num_heads,kd.name]" \
+      "paired=[minilm,shd_logit_select,shd_logit_mean]" x=model.num_heads
+  done
+  exit 0
+fi
+sweeps=sweep
+T=$(tune logit kd.terms.logit.temperature kd.terms.logit.temperature=1,2,4,8 kd.terms.logit.temperature \
+  study=logit $(caches holdout 0 data.holdout=$holdout "$@") "$@")
+SHD=$(tune shd "${SHD_GRID[@]}" study=shd_logit $T "$@")
+MINILM=$(tune minilm "${MINILM_GRID[@]}" study=minilm $T "$@")
+echo "chosen on held-out training images: $T | $SHD | $MINILM" | tee $root/sweep/chosen.txt
 CACHE=$(caches test 0,1,2 "$@")
 run $seeds study=ce,logit $T $CACHE run_name=study/base "$@"
 run $seeds study=minilm $T $MINILM run_name=study/minilm "$@"

@@ -273,6 +273,8 @@ class ReportConfig(TaskConfig):
     out: Optional[str] = None
     by: Optional[List[str]] = None
     paired: List[str] = field(default_factory=list)  # rows to compare every other row with, seed by seed
+    extend: List[str] = field(default_factory=list)  # numeric keys whose edge optima extend.txt extends
+    x: Optional[str] = None  # a key of the table to draw top-1 against (trend.png)
 
 
 def register_schemas() -> None:

@@ -8,7 +8,11 @@ converged?), and the median of its runs' training throughput and time. ``paired=
 every row's difference to the named rows, seed by seed (same seed: same initialisation and data
 order), with a 95% confidence interval. Writes ``results.md``, ``results.csv`` (one line per run
 too), ``curves.png`` (validation top-1 per epoch, mean over seeds, a band of ± one std) and
-``best_overrides.txt`` (the best row as command-line overrides, for a sweep's next stage).
+``best_overrides.txt`` (the best row as command-line overrides, for a sweep's next stage);
+``x=KEY`` adds ``trend.png``, top-1 against that key, one line per value of the others. A
+best value at the smallest or largest value a numeric key tried is flagged (results.md and
+stderr), and ``extend=[keys]`` writes ``extend.txt``: the sweeps that take those keys' grids one
+step past such an edge (``scripts/study.sh`` runs them until every chosen value is interior).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import logging
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -157,13 +162,25 @@ def summarise(runs: List[Run], by: Optional[List[str]] = None,
 
 
 def add_paired(keys: List[str], rows: List[Dict[str, Any]], references: List[str]) -> None:
-    """``row["vs"][ref]``: each row's paired difference to each reference row."""
+    """``row["vs"][ref]``: each row's paired difference to its reference row: the row labelled
+    ``ref`` or, in a table of several keys, the row that has this row's values on every key but
+    the one taking the value ``ref`` (``by=[model.num_heads,kd.name] paired=[minilm]`` pairs each
+    row with MiniLMv2 at its own head count). None where that row is missing."""
     labels = {row_label(keys, r): r for r in rows}
-    for ref in references:
-        if ref not in labels:
-            raise UserError(f"paired={ref} is not a row of this table; its rows are: {', '.join(labels)}.")
     for r in rows:
-        r["vs"] = {ref: paired_difference(r["runs"], labels[ref]["runs"]) for ref in references}
+        r["vs"] = {}
+    for ref in references:
+        key = next((k for k in keys if any(str(r[k]) == ref for r in rows)), None)
+        if ref not in labels and key is None:
+            raise UserError(f"paired={ref} is not a row of this table; its rows are: {', '.join(labels)}.")
+        for r in rows:
+            match = labels.get(ref) or next((o for o in rows if str(o[key]) == ref
+                                             and all(o[k] == r[k] for k in keys if k != key)), None)
+            r["vs"][ref] = None if match is None else paired_difference(r["runs"], match["runs"])
+
+
+def is_reference(keys: List[str], row: Dict[str, Any], ref: str) -> bool:
+    return row_label(keys, row) == ref or any(str(row[k]) == ref for k in keys)
 
 
 def _diff(d: Optional[Dict[str, Any]]) -> str:
@@ -182,7 +199,7 @@ def markdown(keys: List[str], rows: List[Dict[str, Any]], references: List[str] 
         cells = [str(r[k]) for k in keys] + [r["teacher"]] * cached
         cells += [f"{r['top1']:.2f} ± {r['top1_std']:.2f}", str(r["seeds"]),
                   "–" if r["gain"] is None else f"{r['gain']:+.2f}"]
-        cells += ["" if row_label(keys, r) == ref else _diff(r["vs"][ref]) for ref in references]
+        cells += ["" if is_reference(keys, r, ref) else _diff(r["vs"][ref]) for ref in references]
         cells += [f"{r['samples_per_s']:.0f}", format_duration(r["wall_time_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -195,6 +212,53 @@ def validated_on(runs: List[Run]) -> str:
         splits = sorted({str(r.config.get("data.val_split")) for r in runs})
         return f"validation top-1 on the {'/'.join(splits)} split"
     return f"validation top-1 on {'/'.join(str(h) for h in sorted(holdouts, key=str))} held-out training images (data.holdout)"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def edge_optima(keys: List[str], rows: List[Dict[str, Any]]) -> Dict[str, Tuple[Any, str, List[Any]]]:
+    """``{key: (best value, "smallest" | "largest", values tried)}`` for every swept numeric key
+    whose value in the best row lies at an end of the values the runs tried: the optimum may lie
+    beyond the grid, so a choice made there is incomplete."""
+    edges = {}
+    for key in keys:
+        tried = sorted({r[key] for r in rows if _number(r[key])})
+        best = rows[0][key]
+        if len(tried) > 1 and _number(best) and best in (tried[0], tried[-1]):
+            edges[key] = (best, "smallest" if best == tried[0] else "largest", tried)
+    return edges
+
+
+def _ordered(values: set) -> List[Any]:
+    return sorted(values) if all(_number(v) for v in values) else sorted(values, key=str)
+
+
+def _beyond(value: float, side: str, factor: float) -> Any:
+    """The next grid value past an edge: ``x factor`` above, ``/ factor`` below (ints stay ints)."""
+    new = value * factor if side == "largest" else value / factor
+    return int(new) if isinstance(value, int) and float(new).is_integer() else float(f"{new:.4g}")
+
+
+def extension(keys: List[str], rows: List[Dict[str, Any]], extendable: List[str],
+              factor: float = 3.0) -> List[str]:
+    """The sweeps that extend a grid past its edge optima, as Hydra override lines, one product
+    grid each: every edge key in ``extendable`` gains one value beyond its edge, and the lines
+    cover exactly the points of the extended grid that were not run (the union, over the
+    extended keys, of new values of that key x extended values of the keys before it x the old
+    values of the keys after it). Empty when every chosen value of ``extendable`` is interior."""
+    edges = edge_optima(keys, rows)
+    old = {k: _ordered({r[k] for r in rows}) for k in keys}
+    new = {k: [_beyond(edges[k][0], edges[k][1], factor)] for k in keys if k in edges and k in extendable}
+    lines = []
+    for i, key in enumerate(keys):
+        if key not in new:
+            continue
+        grid = {k: old[k] + new.get(k, []) for k in keys[:i]}
+        grid.update({key: new[key]}, **{k: old[k] for k in keys[i + 1:]})
+        lines.append(" ".join(f"{k}={','.join(str(v) for v in grid[k])}" for k in keys))
+    return lines
 
 
 def best_overrides(keys: List[str], row: Dict[str, Any]) -> str:
@@ -253,6 +317,30 @@ def curves(keys: List[str], rows: List[Dict[str, Any]], path: Path, title: str) 
     return path
 
 
+def trend(keys: List[str], rows: List[Dict[str, Any]], x: str, path: Path, title: str) -> Path:
+    """Top-1 against the key ``x``: one line per value of the other keys (mean over seeds, ± one
+    std as error bars), e.g. each method against the student's head count."""
+    if x not in keys:
+        raise UserError(f"x={x} must be one of the table's keys (by=...): {', '.join(keys)}.")
+    others = [k for k in keys if k != x]
+    lines: Dict[str, List[Tuple[Any, float, float]]] = {}
+    for r in rows:
+        lines.setdefault(row_label(others, r), []).append((r[x], r["top1"], r["top1_std"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = plt.get_cmap("tab10").colors
+    for i, (label, points) in enumerate(sorted(lines.items())):
+        points.sort(key=lambda p: p[0])
+        ax.errorbar([str(p[0]) for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                    marker="o", capsize=3, color=colours[i % 10], label=label)
+    ax.set(xlabel=x, ylabel="validation top-1 (%), mean ± std over seeds", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def report(cfg: DictConfig) -> Dict[str, Any]:
     root = Path(cfg.dir)
     if not root.is_dir():
@@ -275,14 +363,23 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
     if references:
         notes.append("vs: this row's top-1 minus the reference row's, paired by seed, mean and t-based 95% "
                      "confidence interval")
+    edges = edge_optima(keys, rows)
+    for key, (value, side, tried) in edges.items():
+        flag = (f"EDGE: the best {key}={value} is the {side} value tried ({', '.join(map(str, tried))}); the "
+                "optimum may lie beyond the grid")
+        notes.append(flag)
+        sys.stderr.write(f"report: {flag} ({root})\n")
     (out / "results.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     (out / "best_overrides.txt").write_text(best_overrides(keys, rows[0]) + "\n")
+    (out / "extend.txt").write_text("".join(line + "\n" for line in extension(keys, rows, list(cfg.extend))))
     write_csv(keys, rows, out / "results.csv")
     picture = curves(keys, rows, out / "curves.png", f"{root.name}: {len(runs)} runs")
+    if cfg.x:
+        trend(keys, rows, cfg.x, out / "trend.png", f"{root.name}: top-1 against {cfg.x}")
     log.info("%d runs in %s, %d settings (mean ± std over seeds):\n%s\n\nfiles: %s, %s, %s", len(runs), root,
              len(rows), table, out / "results.md", out / "results.csv", picture)
     return {"keys": keys, "rows": [{k: v for k, v in r.items() if k != "runs"} for r in rows], "table": table,
-            "best": best_overrides(keys, rows[0])}
+            "best": best_overrides(keys, rows[0]), "edges": edges}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")

@@ -8,7 +8,7 @@ import yaml
 
 from conftest import run_cli
 from shd_vision.errors import UserError
-from shd_vision.report import find_runs, summarise, swept_keys
+from shd_vision.report import edge_optima, extension, find_runs, summarise, swept_keys
 from wandb_records import history, records, run_record
 
 FAST = ["debug=fast", "data=synthetic", "data.train_size=64", "data.val_size=32", "data.batch_size=16",
@@ -135,3 +135,70 @@ def test_wandb_groups_the_runs_of_a_sweep(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     groups = {run_record(records(f)).run_group for f in (tmp_path / "train/multiruns/g1").glob("*/wandb/*/run-*.wandb")}
     assert groups == {"g1"}
+
+
+def fake_sweep(root, top1):
+    """Run directories of a grid ``{(tau, weight): top-1}``, as find_runs reads them."""
+    for i, ((tau, weight), value) in enumerate(top1.items()):
+        run = root / str(i)
+        run.mkdir(parents=True)
+        config = {"seed": 0, "kd": {"name": "shd", "terms": {"shd": {"temperature": tau, "weight": weight}}}}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        (run / "summary.json").write_text(json.dumps({"top1": value, "train_samples_per_s": 1.0, "wall_time_s": 1.0}))
+    return root
+
+
+TAU, WEIGHT = "kd.terms.shd.temperature", "kd.terms.shd.weight"
+
+
+@pytest.mark.parametrize("best, edges", [
+    ((1.0, 3), {WEIGHT: (3, "largest", [1, 3])} | {TAU: (1.0, "smallest", [1.0, 2.0])}),
+    ((2.0, 1), {WEIGHT: (1, "smallest", [1, 3])} | {TAU: (2.0, "largest", [1.0, 2.0])}),
+], ids=["largest-weight", "smallest-weight"])
+def test_best_values_at_either_end_of_a_grid_are_flagged(tmp_path, best, edges):
+    grid = {(t, w): 80.0 for t in (1.0, 2.0) for w in (1, 3)} | {best: 84.0}
+    keys, rows = summarise(find_runs(fake_sweep(tmp_path, grid)), by=[TAU, WEIGHT])
+    assert edge_optima(keys, rows) == edges
+
+
+def test_an_interior_best_is_not_flagged_and_extend_covers_only_new_points(tmp_path):
+    grid = {(t, w): 80.0 + (w == 3) + (t == 1.0) for t in (1.0, 2.0) for w in (1, 3, 9)}  # best: tau 1, weight 3
+    keys, rows = summarise(find_runs(fake_sweep(tmp_path, grid)), by=[TAU, WEIGHT])
+    assert edge_optima(keys, rows) == {TAU: (1.0, "smallest", [1.0, 2.0])}  # the weight's 3 is interior
+    assert extension(keys, rows, [WEIGHT]) == []  # only the weight may be extended, and it need not be
+    assert extension(keys, rows, [TAU, WEIGHT]) == [f"{TAU}=0.3333 {WEIGHT}=1,3,9"]
+
+
+def test_extending_two_edge_keys_runs_every_new_point_once(tmp_path):
+    grid = {(t, w): 80.0 + 2 * (w == 3) + (t == 2.0) for t in (1.0, 2.0) for w in (1, 3)}  # best: tau 2, weight 3
+    keys, rows = summarise(find_runs(fake_sweep(tmp_path / "runs", grid)), by=[TAU, WEIGHT])
+    lines = extension(keys, rows, [TAU, WEIGHT])
+    assert lines == [f"{TAU}=6.0 {WEIGHT}=1,3", f"{TAU}=1.0,2.0,6.0 {WEIGHT}=9"]
+    points = [(t, w) for line in lines for t in line.split()[0].split("=")[1].split(",")
+              for w in line.split()[1].split("=")[1].split(",")]
+    extended = {(t, w) for t in ("1.0", "2.0", "6.0") for w in ("1", "3", "9")}
+    assert sorted(points) == sorted(extended - {(t, w) for t in ("1.0", "2.0") for w in ("1", "3")})  # once each
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path / 'runs'}", f"by=[{TAU},{WEIGHT}]", f"extend=[{WEIGHT}]")
+    assert result.returncode == 0, result.stderr
+    assert f"EDGE: the best {WEIGHT}=3 is the largest value tried (1, 3)" in result.stderr
+    assert f"EDGE: the best {WEIGHT}=3 is the largest value tried (1, 3)" in (tmp_path / "runs/results.md").read_text()
+    assert (tmp_path / "runs/extend.txt").read_text() == f"{TAU}=1.0,2.0 {WEIGHT}=9\n"
+
+
+def test_rows_of_several_keys_pair_with_the_reference_at_their_own_value(tmp_path):
+    """by=[model.num_heads,kd.name] paired=[minilm]: SHD at each head count against MiniLMv2 at it."""
+    top1 = {(h, m, s): 70 + 5 * h + (2 if m == "shd" else 0) + s * (1 + h) for h in (1, 3) for m in ("minilm", "shd")
+            for s in (0, 1)}
+    for i, ((h, m, s), value) in enumerate(top1.items()):
+        run = tmp_path / "runs" / str(i)
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"seed": s, "model": {"num_heads": h}, "kd": {"name": m}}))
+        (run / "summary.json").write_text(json.dumps({"top1": value, "train_samples_per_s": 1.0, "wall_time_s": 1.0}))
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path / 'runs'}", "by=[model.num_heads,kd.name]",
+                     "paired=[minilm]", "x=model.num_heads")
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "runs/results.md").read_text()
+    for h in (1, 3):  # differences are +2 on both seeds: a zero-width interval
+        assert f"| {h} | shd | {70 + 5 * h + 2 + (1 + h) / 2:.2f} ± " in table
+        assert next(line for line in table.splitlines() if line.startswith(f"| {h} | shd")).count("+2.00 [+2.00, +2.00]") == 1
+    assert (tmp_path / "runs/trend.png").stat().st_size > 10_000

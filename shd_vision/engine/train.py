@@ -27,6 +27,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
+from shd_vision.cache import CachedTeacher, logits_only, open_cache
 from shd_vision.config import check_config
 from shd_vision.data.datasets import UnreadableImage, unreadable_message
 from shd_vision.data.loaders import bad_images, build_data, open_splits, random_labels, resolve_input
@@ -42,7 +43,6 @@ from shd_vision.engine.metrics import evaluate
 from shd_vision.errors import UserError
 from shd_vision.models.factory import create_student, create_teacher, describe
 from shd_vision.models.teacher import Teacher, check_teacher_top1
-from shd_vision.cache import CachedTeacher, logits_only, open_cache
 from shd_vision.models.weights import FORMAT_KEY
 from shd_vision.viz.attention import render
 from shd_vision.viz.plots import confusion_png, curves_png
@@ -356,7 +356,8 @@ class Run:
             images, targets = self.data.targets(images, labels, st.epoch, st.epoch_batches)
             batch = Batch(images, targets, targets.argmax(-1) if targets.ndim == 2 else targets)
             with runtime.autocast(self.rt, tr.precision):
-                teacher_out = self.teacher.outputs(images, st.epoch, st.epoch_batches) if self.teacher else None
+                teacher_out = (self.teacher.outputs(images, st.epoch, st.epoch_batches)
+                               if self.teacher is not None else None)
             st.epoch_batches += 1
             update = st.epoch_batches % tr.accumulate == 0
             sync = contextlib.nullcontext() if update or not self.rt.distributed else self.model.no_sync()

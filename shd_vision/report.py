@@ -308,9 +308,14 @@ def curves(keys: List[str], rows: List[Dict[str, Any]], path: Path, title: str) 
         end.set_ylim(min(lo for lo, _ in late) - 0.5, max(hi for _, hi in late) + 0.5)
     whole.set(xlabel="epoch", ylabel="validation top-1 (%)", title=title)
     end.set(xlabel="epoch", title="second half, zoomed")
-    for ax in (whole, end):
+    return _save(fig, (whole, end), path, legend_size=7)
+
+
+def _save(fig: plt.Figure, axes: Tuple[plt.Axes, ...], path: Path, legend_size: int) -> Path:
+    """Grid every panel, put the legend right of the last, write the PNG."""
+    for ax in axes:
         ax.grid(alpha=0.3)
-    end.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes[-1].legend(fontsize=legend_size, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -333,12 +338,7 @@ def trend(keys: List[str], rows: List[Dict[str, Any]], x: str, path: Path, title
         ax.errorbar([str(p[0]) for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
                     marker="o", capsize=3, color=colours[i % 10], label=label)
     ax.set(xlabel=x, ylabel="validation top-1 (%), mean ± std over seeds", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, (ax,), path, legend_size=8)
 
 
 def report(cfg: DictConfig) -> Dict[str, Any]:

@@ -58,6 +58,7 @@ HEADER = "cache.json"
 DEPENDS = ("seed", "data.", "teacher.", "trainer.accumulate", "trainer.precision", "run.")
 VALIDATION = ("data.val_split", "data.val_size")
 NOT_LOGITS = ("teacher.cache", "teacher.checkpoint")
+PLAN = ("top_k", "dtype", "batches_per_epoch", "batch_size", "processes")  # how the logits are laid out
 
 
 # ---------------------------------------------------------------- the math (methods.md §10)
@@ -143,6 +144,17 @@ def _differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> List[st
     return [d.replace("in the checkpoint", "in the cache") for d in identity.differences(recorded, now)]
 
 
+def plan_id(header: Mapping[str, Any]) -> str:
+    """What a part belongs to: a hash of its cache's fingerprint and layout. Every part's record
+    carries it, so a part is never taken for another cache's, whatever happened to ``cache.json``."""
+    keys = {k: header[k] for k in ("fingerprint", *PLAN)}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
 def _part_name(epoch: int, rank: int) -> str:
     return f"epoch-{epoch:04d}.rank-{rank}"
 
@@ -162,6 +174,7 @@ def _write_json(obj: Any, path: Path) -> None:
         f.write(json.dumps(obj, indent=2) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # a cache is shared: every user may read it
     os.replace(tmp, path)
 
 
@@ -172,12 +185,14 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def _check_part(cache_dir: Path, epoch: int, rank: int) -> Optional[str]:
-    """None when the part is complete and intact, else what is wrong with it."""
+def _check_part(cache_dir: Path, epoch: int, rank: int, plan: str) -> Optional[str]:
+    """None when the part is complete, intact and of the cache ``plan`` names, else what is wrong."""
     name = _part_name(epoch, rank)
     record, part = _read_json(cache_dir / f"{name}.json"), cache_dir / f"{name}.pt"
     if record is None or not part.is_file():
         return f"{part} is missing or was never completed"
+    if record.get("plan") != plan:
+        return f"{part} belongs to another cache (its record names plan {record.get('plan')}, this cache is {plan})"
     size = part.stat().st_size
     if size != record["bytes"]:
         return f"{part} has {size} bytes, its record {record['bytes']} (truncated or overwritten)"
@@ -199,6 +214,7 @@ class CachedTeacher:
 
     def __init__(self, cache_dir: Path, header: Dict[str, Any], rank: int, device: torch.device):
         self.dir, self.header, self.rank, self.device = cache_dir, header, rank, device
+        self.plan = plan_id(header)
         self.num_classes = len(header["fingerprint"]["run.classes"])
         self.description = (f"cache {cache_dir} (top-{header['top_k']} {header['dtype']} logits of "
                             f"{header['teacher']})")
@@ -224,7 +240,7 @@ class CachedTeacher:
         return Outputs(images.new_zeros(images.shape[0], self.num_classes), None, Recorded(), None, None)
 
     def _load(self, epoch: int) -> Dict[str, Tensor]:
-        problem = _check_part(self.dir, epoch, self.rank)
+        problem = _check_part(self.dir, epoch, self.rank, self.plan)
         part = self.dir / f"{_part_name(epoch, self.rank)}.pt"
         if problem is None:
             try:
@@ -232,9 +248,9 @@ class CachedTeacher:
             except Exception as e:  # noqa: BLE001  (a damaged file fails anywhere in the unpickler)
                 problem = f"{part} could not be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         raise UserError(f"teacher.cache={self.dir}: {problem}. Training stopped before using it; the run's "
-                        "checkpoints are as they were. Rewrite the damaged part with the cache's command plus "
-                        f"cache.dir={self.dir} cache.resume=auto (it keeps intact parts and rewrites the "
-                        "others), then continue the run with trainer.resume=auto.")
+                        "checkpoints are as they were. Rewrite the part with the cache's command (cache_command in "
+                        f"{self.dir / HEADER}) plus cache.resume=auto, which keeps intact parts and rewrites the "
+                        "others, then continue the run with trainer.resume=auto.")
 
 
 def logits_only(terms: Mapping[str, Any], what: str) -> None:
@@ -262,7 +278,7 @@ def open_cache(cfg: DictConfig, data_config: Mapping[str, Any], facts: Mapping[s
         UserError: one paragraph naming each differing key with both values, a missing epoch,
             or a missing or unreadable cache.
     """
-    cache_dir = Path(cfg.teacher.cache)
+    cache_dir = Path(cfg.teacher.cache).absolute()
     header = _read_json(cache_dir / HEADER)
     if header is None or header.get("format") != FORMAT:
         raise UserError(f"teacher.cache={cache_dir} is not a teacher cache (no readable {HEADER}); write one "
@@ -277,10 +293,10 @@ def open_cache(cfg: DictConfig, data_config: Mapping[str, Any], facts: Mapping[s
     missing = [e + 1 for e in range(epochs) if not (cache_dir / f"{_part_name(e, rank)}.json").is_file()]
     if missing:
         shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
-        raise UserError(f"teacher.cache={cache_dir} lacks epoch(s) {shown} of the {epochs} this run trains "
-                        f"(process {rank}): it covers {header['epochs']} epoch(s) and may be unfinished. Complete "
-                        "or extend it with the cache's command plus trainer.epochs=N cache.dir=DIR "
-                        "cache.resume=auto, or train fewer epochs.")
+        raise UserError(f"teacher.cache={cache_dir}: this run trains epochs 1 to {epochs}, and the cache has no "
+                        f"epoch {shown} (process {rank}; it was planned for {header['epochs']} and may be unfinished). "
+                        f"Complete or extend it with the cache's command (cache_command in {cache_dir / HEADER}) plus "
+                        f"trainer.epochs={epochs} cache.resume=auto, or train fewer epochs.")
     teacher = CachedTeacher(cache_dir, header, rank, device)
     val = header.get("validation", {})
     teacher.val_top1 = val.get("top1") if val.get("keys") == _validation_keys(cfg) else None
@@ -346,11 +362,14 @@ class _Writer:
             "top_k": self.opts.top_k, "dtype": self.opts.dtype, "epochs": self.epochs,
             "batches_per_epoch": self.batches, "batch_size": cfg.data.batch_size, "processes": self.processes,
             "teacher": f"{describe(model)}, weights: {self.source}",
+            "cache_command": "python -m shd_vision.cache " + shlex.join(sys.argv[1:]),
         }
+        self.plan = plan_id(self.header)
 
     def run(self) -> Dict[str, Any]:
         self._claim()
-        todo = [(e, r) for e in range(self.epochs) for r in self.ranks if _check_part(self.dir, e, r) is not None]
+        todo = [(e, r) for e in range(self.epochs) for r in self.ranks
+                if _check_part(self.dir, e, r, self.plan) is not None]
         mine = len(self.ranks) * self.epochs
         log.info("teacher %s", self.header["teacher"])
         log.info("writing %d of this launch's %d parts (epochs x processes; %d batch(es) of %d rows each) to %s: "
@@ -370,7 +389,9 @@ class _Writer:
             try:
                 problem = self._refusal(found)
                 if problem is None:
-                    _write_json({**self.header, "validation": self._validation(found)}, self.dir / HEADER)
+                    epochs = max(self.epochs, found["epochs"]) if found else self.epochs  # parts beyond stay usable
+                    _write_json({**self.header, "epochs": epochs, "validation": self._validation(found)},
+                                self.dir / HEADER)
             except UserError as e:  # a teacher below its floor: every process stops, none waits
                 problem = str(e)
         problem = runtime.broadcast(problem, self.rt)
@@ -379,13 +400,17 @@ class _Writer:
 
     def _refusal(self, found: Optional[Dict[str, Any]]) -> Optional[str]:
         if found is None:
+            parts = sorted(p.name for p in self.dir.glob("epoch-*.pt"))
+            if parts and self.opts.resume != "auto":
+                return (f"{self.dir} holds cache parts ({parts[0]}, ...) but no readable {HEADER}, and parts are never "
+                        "overwritten: write this cache elsewhere (cache.dir=DIR), or add cache.resume=auto to rewrite "
+                        "every part that cannot be shown to belong to this plan.")
             return None
         if self.opts.resume != "auto":
             return (f"{self.dir} holds a teacher cache already, which is never overwritten: complete it with "
                     "cache.resume=auto (intact parts are kept, others written), or write this one elsewhere "
                     "(cache.dir=DIR, or run_name=NAME).")
-        plan = ("top_k", "dtype", "batches_per_epoch", "batch_size", "processes")
-        diff = (_differences({k: found.get(k) for k in plan}, {k: self.header[k] for k in plan})
+        diff = (_differences({k: found.get(k) for k in PLAN}, {k: self.header[k] for k in PLAN})
                 + _differences(found.get("fingerprint", {}), self.header["fingerprint"]))
         if diff:
             return (f"cache.resume=auto: {self.dir} holds the cache of another plan, differing in {len(diff)} "
@@ -433,16 +458,17 @@ class _Writer:
         part = self.dir / f"{name}.pt"
         (self.dir / f"{name}.json").unlink(missing_ok=True)  # incomplete until its record follows it
         atomic_save({"values": torch.stack(values), "indices": torch.stack(indices), "lse": torch.stack(lses)}, part)
+        os.chmod(part, 0o644)
         rows = len(values) * self.cfg.data.batch_size
-        _write_json({"sha256": _sha256(part), "bytes": part.stat().st_size, "rows": rows, "correct": correct},
-                    self.dir / f"{name}.json")
+        _write_json({"plan": self.plan, "sha256": _sha256(part), "bytes": part.stat().st_size, "rows": rows,
+                     "correct": correct}, self.dir / f"{name}.json")
 
     def _summary(self, seconds: float, rows_written: int) -> Dict[str, Any]:
         records = [_read_json(self.dir / f"{_part_name(e, r)}.json")
                    for e in range(self.epochs) for r in range(self.processes)]
-        complete = [r for r in records if r is not None]
+        complete = [r for r in records if r is not None and r.get("plan") == self.plan]
         rows = sum(r["rows"] for r in complete)
-        size = sum(p.stat().st_size for p in self.dir.glob("epoch-*.pt"))
+        size = sum(r["bytes"] for r in complete)
         summary = {
             "status": "finished" if len(complete) == len(records) else "incomplete",
             "cache_dir": str(self.dir), "parts": len(complete), "parts_planned": len(records),
@@ -452,7 +478,9 @@ class _Writer:
             "teacher_top1_train_rows": 100.0 * sum(r["correct"] for r in complete) / max(rows, 1),
             "teacher_top1_val": _read_json(self.dir / HEADER)["validation"]["top1"],
             "rows_written": rows_written, "write_seconds": seconds,
-            "train_command": train_command(self.dir),
+            "mixed": bool(self.cfg.data.mixup.mixup_alpha or self.cfg.data.mixup.cutmix_alpha),
+            "cache_command": self.header["cache_command"],
+            "train_command": train_command(self.dir, self.processes),
         }
         if self.rt.is_main:
             _write_json(summary, self.dir / "summary.json")
@@ -481,19 +509,21 @@ class _Progress:
             self.next = now + 30
 
 
-def train_command(cache_dir: Path) -> str:
-    """``python train.py`` with this command's train.py overrides and ``teacher.cache=DIR``."""
+def train_command(cache_dir: Path, processes: int) -> str:
+    """``train.py`` with this command's train.py overrides and ``teacher.cache=DIR``, launched as
+    the plan's processes (``torchrun`` for several)."""
     args = [a for a in sys.argv[1:] if not a.startswith(("cache.", "run_name=", "hydra."))]
-    return "python " + shlex.join(["train.py", *args, f"teacher.cache={cache_dir}"])
+    launch = f"torchrun --nproc_per_node={processes}" if processes > 1 else "python"
+    return f"{launch} " + shlex.join(["train.py", *args, f"teacher.cache={cache_dir}"])
 
 
 def _format_summary(s: Mapping[str, Any]) -> str:
     state = "complete" if s["status"] == "finished" else f"INCOMPLETE ({s['parts']} of {s['parts_planned']} parts)"
     return (f"teacher cache {state}: {s['cache_dir']}\n"
             f"  {s['rows']:,} rows over {s['epochs']} epoch(s) x {s['processes']} process(es), top-{s['top_k']} "
-            f"{s['dtype']} logits, {s['bytes'] / 2**20:.1f} MiB ({s['bytes_per_epoch'] / 2**20:.2f} MiB per epoch)\n"
-            f"  teacher top-1: {s['teacher_top1_train_rows']:.2f}% on the training rows it saw (augmented, "
-            f"mixed), {s['teacher_top1_val']:.2f}% on the validation set\n"
+            f"{s['dtype']} logits, {_size(s['bytes'])} ({_size(s['bytes_per_epoch'])} per epoch)\n"
+            f"  teacher top-1: {s['teacher_top1_train_rows']:.2f}% on the training rows it saw (augmented"
+            f"{', mixed' if s['mixed'] else ''}), {s['teacher_top1_val']:.2f}% on the validation set\n"
             f"  written this session: {s['rows_written']:,} rows in {format_duration(s['write_seconds'])}\n"
             f"  train from it with:\n  {s['train_command']}")
 

@@ -146,6 +146,12 @@ def summarise(runs: List[Run], by: Optional[List[str]] = None,
     groups: Dict[Tuple, List[Run]] = {}
     for run in runs:
         groups.setdefault(tuple(run.config.get(k) for k in keys), []).append(run)
+    if any(len({teacher_source([r]) for r in members} - {"none"}) > 1 for members in groups.values()):
+        # a live teacher and a cache of K logits are different settings: never one row
+        groups = {}
+        for run in runs:
+            groups.setdefault(tuple(run.config.get(k) for k in keys) + (teacher_source([run]),), []).append(run)
+        keys = keys + ["teacher"]
     rows = []
     for values, members in groups.items():
         top1, top1_std = _mean_std([r.summary["top1"] for r in members])
@@ -153,8 +159,10 @@ def summarise(runs: List[Run], by: Optional[List[str]] = None,
         rate = statistics.median(r.summary["train_samples_per_s"] for r in members)
         seconds = statistics.median(r.summary["wall_time_s"] for r in members)
         gains = [g for g in map(last_quarter_gain, members) if g is not None]
-        rows.append({**dict(zip(keys, values)), "top1": top1, "top1_std": top1_std, "seeds": len(members),
-                     "teacher": teacher_source(members),
+        seeds = [r.config.get(seed_key) for r in members]
+        rows.append({"teacher": teacher_source(members), **dict(zip(keys, values)), "top1": top1,
+                     "top1_std": top1_std, "seeds": len(members),
+                     "repeated_seeds": sorted({s for s in seeds if seeds.count(s) > 1}, key=str),
                      "gain": statistics.fmean(gains) if gains else None,
                      "samples_per_s": rate, "wall_time_s": seconds, "runs": members})
     rows.sort(key=lambda r: -r["top1"])
@@ -191,7 +199,8 @@ def _diff(d: Optional[Dict[str, Any]]) -> str:
 
 
 def markdown(keys: List[str], rows: List[Dict[str, Any]], references: List[str] = ()) -> str:
-    cached = any(r["teacher"].startswith("cache") for r in rows)  # the column only where a row used a cache
+    # the column only where a row used a cache and the rows are not told apart by it already
+    cached = "teacher" not in keys and any(r["teacher"].startswith("cache") for r in rows)
     head = keys + ["teacher"] * cached + ["top-1 (%)", "seeds", "last-quarter gain"]
     head += [f"vs {ref} (95% CI)" for ref in references] + ["train images/s", "time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(keys) + "---:|" * (len(head) - len(keys))]
@@ -248,6 +257,12 @@ def extension(keys: List[str], rows: List[Dict[str, Any]], extendable: List[str]
     cover exactly the points of the extended grid that were not run (the union, over the
     extended keys, of new values of that key x extended values of the keys before it x the old
     values of the keys after it). Empty when every chosen value of ``extendable`` is interior."""
+    for r in rows:
+        if r["repeated_seeds"]:
+            flag = (f"REPEATED SEEDS: row {row_label(keys, r)} holds seed(s) {', '.join(map(str, r['repeated_seeds']))} "
+                    "more than once: its runs differ in a key the rows are not told apart by; add it to by=")
+            notes.append(flag)
+            sys.stderr.write(f"report: {flag} ({root})\n")
     edges = edge_optima(keys, rows)
     old = {k: _ordered({r[k] for r in rows}) for k in keys}
     new = {k: [_beyond(edges[k][0], edges[k][1], factor)] for k in keys if k in edges and k in extendable}
@@ -269,9 +284,11 @@ def best_overrides(keys: List[str], row: Dict[str, Any]) -> str:
 def write_csv(keys: List[str], rows: List[Dict[str, Any]], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["kind", *keys, "seed", "top1", "top1_std", "seeds", "samples_per_s", "wall_time_s", "run_dir"])
+        extra = [] if "teacher" in keys else ["teacher"]
+        writer.writerow(["kind", *keys, *extra, "seed", "top1", "top1_std", "seeds", "samples_per_s", "wall_time_s",
+                         "run_dir"])
         for r in rows:
-            cells = [r[k] for k in keys]
+            cells = [r[k] for k in keys + extra]
             writer.writerow(["mean", *cells, "", f"{r['top1']:.4f}", f"{r['top1_std']:.4f}", r["seeds"],
                              f"{r['samples_per_s']:.1f}", f"{r['wall_time_s']:.1f}", ""])
             for run in r["runs"]:

@@ -107,7 +107,8 @@ def test_under_torchrun_each_process_writes_its_parts_and_replays_them_exactly(t
     assert sorted(p.name for p in (tmp_path / "cache").glob("*.pt")) == [
         f"epoch-000{e}.rank-{r}.pt" for e in (0, 1) for r in (0, 1)]
     # one process writing the same 2-process plan gives the same logits
-    write(tmp_path, *PLAN, "data.num_workers=0", "kd=logit", *cache, "cache.processes=2", name="single")
+    single = write(tmp_path, *PLAN, "data.num_workers=0", "kd=logit", *cache, "cache.processes=2", name="single")
+    assert single["train_command"].startswith("torchrun --nproc_per_node=2 train.py ")  # the plan's launch
     for part in (tmp_path / "cache").glob("*.pt"):
         a, b = (torch.load(d / part.name, weights_only=True) for d in (tmp_path / "cache", tmp_path / "single"))
         assert all(torch.equal(a[k], b[k]) for k in ("values", "indices", "lse"))
@@ -154,7 +155,7 @@ def test_workers_and_validation_settings_do_not_matter(cache_dir, tmp_path):
 
 
 def test_an_epoch_the_cache_lacks_is_refused(cache_dir, tmp_path):
-    with pytest.raises(UserError, match=r"lacks epoch\(s\) 3 of the 3 this run trains"):
+    with pytest.raises(UserError, match=r"this run trains epochs 1 to 3, and the cache has no epoch 3 \(process 0"):
         train(compose(tmp_path, *PLAN, "data.num_workers=0", "trainer.epochs=3", f"teacher.cache={cache_dir}"))
 
 
@@ -199,6 +200,27 @@ def test_a_killed_writer_is_completed_and_a_finished_cache_never_overwritten(tmp
     assert json.loads((tmp_path / "cache" / "summary.json").read_text())["parts"] == 2
 
 
+def test_parts_are_only_ever_read_as_the_cache_they_were_written_for(tmp_path):
+    """A cache whose cache.json is lost is not adopted by a writer of another plan, and a part
+    moved into another cache is refused by the run, not replayed."""
+    run = [*PLAN, "data.num_workers=0", "trainer.epochs=1", "kd=logit"]
+    write(tmp_path, *run, "cache.top_k=10", "cache.dtype=float32", name="seed0")
+    write(tmp_path, *run, "seed=1", "cache.top_k=10", "cache.dtype=float32", name="seed1")
+    (tmp_path / "seed0" / "cache.json").unlink()
+    with pytest.raises(UserError, match="holds cache parts .* but no readable cache.json"):
+        write(tmp_path, *run, "seed=1", "cache.top_k=10", "cache.dtype=float32", name="seed0")
+    summary = write(tmp_path, *run, "seed=1", "cache.top_k=10", "cache.dtype=float32", "cache.resume=auto",
+                    name="seed0")
+    assert summary["rows_written"] == 8 * 32  # the seed-0 part was not taken for seed 1's: rewritten
+    part = "epoch-0000.rank-0"
+    assert (tmp_path / "seed0" / f"{part}.pt").read_bytes() == (tmp_path / "seed1" / f"{part}.pt").read_bytes()
+    write(tmp_path, *run, "seed=2", "cache.top_k=10", "cache.dtype=float32", name="seed2")
+    for suffix in (".pt", ".json"):  # seed 2's part, with its record, in seed 1's cache
+        (tmp_path / "seed1" / f"{part}{suffix}").write_bytes((tmp_path / "seed2" / f"{part}{suffix}").read_bytes())
+    with pytest.raises(UserError, match=f"{part}.pt belongs to another cache"):
+        train(compose(tmp_path, *run, "seed=1", f"teacher.cache={tmp_path}/seed1"))
+
+
 def test_the_report_names_the_rows_a_cache_taught(tmp_path):
     for name, cache in (("logit", None), ("logit_k1", {"top_k": 1, "dtype": "float16"})):
         for seed in (0, 1):
@@ -214,6 +236,14 @@ def test_the_report_names_the_rows_a_cache_taught(tmp_path):
     assert keys == ["kd.name"]  # the per-seed cache paths are not a setting
     assert {r["kd.name"]: r["teacher"] for r in rows} == {"logit": "live", "logit_k1": "cache top-1 float16"}
     assert "| kd.name | teacher | top-1 (%) |" in markdown(keys, rows)
+    # one name for both: a live teacher and a cache are still two rows, never one of 4 runs
+    for run in tmp_path.glob("logit_k1-*"):
+        config = OmegaConf.load(run / "config.yaml")
+        config.kd.name = "logit"
+        (run / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    keys, rows = summarise(find_runs(tmp_path), by=["kd.name"])
+    assert keys == ["kd.name", "teacher"] and sorted(r["teacher"] for r in rows) == ["cache top-1 float16", "live"]
+    assert all(r["seeds"] == 2 and not r["repeated_seeds"] for r in rows)
 
 
 def test_the_cli_refuses_more_classes_than_the_data_has_in_one_paragraph(tmp_path):

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import hydra
 import torch
@@ -138,10 +138,6 @@ def fingerprint(cfg: DictConfig, data_config: Mapping[str, Any], facts: Mapping[
 def _validation_keys(cfg: DictConfig) -> Dict[str, Any]:
     """What the teacher's validation top-1 recorded in a cache was measured on."""
     return {k: cfg.data[k.split(".")[1]] for k in VALIDATION}
-
-
-def _differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
-    return [d.replace("in the checkpoint", "in the cache") for d in identity.differences(recorded, now)]
 
 
 def plan_id(header: Mapping[str, Any]) -> str:
@@ -284,7 +280,7 @@ def open_cache(cfg: DictConfig, data_config: Mapping[str, Any], facts: Mapping[s
         raise UserError(f"teacher.cache={cache_dir} is not a teacher cache (no readable {HEADER}); write one "
                         "with: python -m shd_vision.cache <this run's overrides> cache.dir=DIR, or remove "
                         "teacher.cache to run the teacher live.")
-    diff = _differences(header["fingerprint"], fingerprint(cfg, data_config, facts))
+    diff = identity.differences(header["fingerprint"], fingerprint(cfg, data_config, facts), "the cache")
     if diff:
         raise UserError(f"teacher.cache={cache_dir} holds the logits of a run defined differently from this one, "
                         f"in {len(diff)} key(s): {'; '.join(diff)}. Its logits would not be this run's teacher's. "
@@ -410,8 +406,8 @@ class _Writer:
             return (f"{self.dir} holds a teacher cache already, which is never overwritten: complete it with "
                     "cache.resume=auto (intact parts are kept, others written), or write this one elsewhere "
                     "(cache.dir=DIR, or run_name=NAME).")
-        diff = (_differences({k: found.get(k) for k in PLAN}, {k: self.header[k] for k in PLAN})
-                + _differences(found.get("fingerprint", {}), self.header["fingerprint"]))
+        diff = (identity.differences({k: found.get(k) for k in PLAN}, {k: self.header[k] for k in PLAN}, "the cache")
+                + identity.differences(found.get("fingerprint", {}), self.header["fingerprint"], "the cache"))
         if diff:
             return (f"cache.resume=auto: {self.dir} holds the cache of another plan, differing in {len(diff)} "
                     f"key(s): {'; '.join(diff)}. Write this one elsewhere (cache.dir=DIR), or use that plan's values.")

@@ -257,12 +257,6 @@ def extension(keys: List[str], rows: List[Dict[str, Any]], extendable: List[str]
     cover exactly the points of the extended grid that were not run (the union, over the
     extended keys, of new values of that key x extended values of the keys before it x the old
     values of the keys after it). Empty when every chosen value of ``extendable`` is interior."""
-    for r in rows:
-        if r["repeated_seeds"]:
-            flag = (f"REPEATED SEEDS: row {row_label(keys, r)} holds seed(s) {', '.join(map(str, r['repeated_seeds']))} "
-                    "more than once: its runs differ in a key the rows are not told apart by; add it to by=")
-            notes.append(flag)
-            sys.stderr.write(f"report: {flag} ({root})\n")
     edges = edge_optima(keys, rows)
     old = {k: _ordered({r[k] for r in rows}) for k in keys}
     new = {k: [_beyond(edges[k][0], edges[k][1], factor)] for k in keys if k in edges and k in extendable}
@@ -381,9 +375,12 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
         notes.append("vs: this row's top-1 minus the reference row's, paired by seed, mean and t-based 95% "
                      "confidence interval")
     edges = edge_optima(keys, rows)
-    for key, (value, side, tried) in edges.items():
-        flag = (f"EDGE: the best {key}={value} is the {side} value tried ({', '.join(map(str, tried))}); the "
-                "optimum may lie beyond the grid")
+    flags = [f"REPEATED SEEDS: row {row_label(keys, r)} holds seed(s) {', '.join(map(str, r['repeated_seeds']))} "
+             "more than once: its runs differ in a key the rows are not told apart by; add it to by="
+             for r in rows if r["repeated_seeds"]]
+    flags += [f"EDGE: the best {key}={value} is the {side} value tried ({', '.join(map(str, tried))}); the "
+              "optimum may lie beyond the grid" for key, (value, side, tried) in edges.items()]
+    for flag in flags:
         notes.append(flag)
         sys.stderr.write(f"report: {flag} ({root})\n")
     (out / "results.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")

@@ -58,6 +58,10 @@ def test_report_rows_by_chosen_keys(sweep):
     assert keys == ["kd.name"] and sorted(r["kd.name"] for r in rows) == ["logit", "none"]
     keys, rows = summarise(runs, by=["seed"])  # seeds as rows: each averages both methods
     assert {r["seed"]: r["seeds"] for r in rows} == {0: 2, 1: 2}
+    assert {r["seed"]: r["repeated_seeds"] for r in rows} == {0: [0], 1: [1]}  # two methods per seed
+    result = run_cli("-m shd_vision.report", f"dir={sweep}", "by=[seed]", f"out={sweep.parent / 'by_seed'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "REPEATED SEEDS: row 0 holds seed(s) 0 more than once" in result.stderr
     with pytest.raises(UserError, match="by=kd.nam is not a config key of the runs; give keys such as seed"):
         summarise(runs, by=["kd.nam"])
 

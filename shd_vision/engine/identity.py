@@ -78,14 +78,14 @@ def run_facts(global_batch: int, processes: int, train_images: int, classes: Lis
     return facts
 
 
-def differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
-    """``key (recorded A, now B)`` for every key whose values differ; a key one side lacks counts
-    as null there (a key added to the config later, with its old behaviour as null)."""
+def differences(recorded: Mapping[str, Any], now: Mapping[str, Any], where: str = "the checkpoint") -> List[str]:
+    """``key (A in <where>, B now)`` for every key whose values differ; a key one side lacks
+    counts as null there (a key added to the config later, with its old behaviour as null)."""
     out = []
     for key in sorted(set(recorded) | set(now)):
         a, b = recorded.get(key), now.get(key)
         if a != b:
-            out.append(f"{key} ({_show(a)} in the checkpoint, {_show(b)} now)")
+            out.append(f"{key} ({_show(a)} in {where}, {_show(b)} now)")
     return out
 
 

@@ -304,7 +304,7 @@ class Run:
     def _fit(self) -> Dict[str, Any]:
         tr = self.cfg.trainer
         if self.teacher is not None and tr.eval_teacher:
-            self.teacher_top1 = (self.teacher.val_top1 if isinstance(self.teacher, CachedTeacher) else
+            self.teacher_top1 = (self.teacher.val_top1 if self.cached else
                                  evaluate(self.teacher.predict, self.data.val, len(self.classes), self.rt,
                                           tr.precision, tr.channels_last)["top1"])
             if self.teacher_top1 is None:

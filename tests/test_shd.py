@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from shd_vision.distill.base import Batch, Distiller, active_terms
 from shd_vision.distill.mapping import align_maps, align_tokens, layer_pairs, resolve_pairs
-from shd_vision.distill.shd import attention_kl, balanced_groups, squeeze_weights, squeezed_targets
+from shd_vision.distill.shd import attention_kl, attention_kl_rows, balanced_groups, squeeze_weights, squeezed_targets
 from shd_vision.errors import UserError
 from shd_vision.models.taps import Capture, Tap, TokenLayout, token_layout
 
@@ -110,6 +110,30 @@ def test_attention_kl_matches_a_float64_loop():
         q = (zs[b, g, i] / tau).softmax(-1)
         total += sum(p * torch.log(p / qq) for p, qq in zip(target[b, g, i], q)).item()
     assert attention_kl(zs, target, tau).item() == pytest.approx(tau ** 2 * total / 24, rel=1e-10)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+def test_attention_kl_gradient_is_autograd_through_the_definition(tau):
+    """attention_kl writes its gradient out (τ (softmax(z/τ) Σp − p)); it must equal autograd
+    through τ² Σ p (log p − log_softmax(z/τ)), with exact zeros in the target (0 log 0 = 0) and
+    a weight per row, as the mean over rows and a downstream weight give."""
+    zs = (torch.randn(2, 3, 5, 5, dtype=F64) * 3).requires_grad_()
+    target = maps(2, 3, 5, 7)
+    target[0, 1, 2] = torch.tensor([0.0, 0.7, 0.0, 0.3, 0.0], dtype=F64)
+    row_weights = torch.rand(2, 3, 5, dtype=F64)
+    (grad,) = torch.autograd.grad((attention_kl_rows(zs, target, tau) * row_weights).sum(), zs)
+    reference = tau ** 2 * (torch.xlogy(target, target) - target * F.log_softmax(zs / tau, -1)).sum(-1)
+    (expected,) = torch.autograd.grad((reference * row_weights).sum(), zs)
+    torch.testing.assert_close(attention_kl_rows(zs, target, tau), reference.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_kl_of_bf16_scores_returns_a_bf16_gradient():
+    zs = torch.randn(2, 3, 5, 5, dtype=torch.bfloat16, requires_grad=True)
+    loss = attention_kl(zs, maps(2, 3, 5, 1).float(), 1.0)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert zs.grad.dtype == torch.bfloat16 and torch.isfinite(zs.grad).all()
 
 
 def test_layer_pairs():
@@ -236,16 +260,18 @@ def test_a_cnn_teacher_is_a_one_paragraph_error():
         step(vit().float(), teacher, shd_terms())
 
 
+@pytest.mark.parametrize("stack", [True, False])
 @pytest.mark.parametrize("merge,temperature", [("progressive", 1.0), ("group", 2.0), ("mean", 0.5)])
-def test_stacked_block_pairs_equal_a_loop_over_pairs(merge, temperature):
-    """SHD runs every block pair of one shape as one batch; the loss, its gradient and every log
-    must equal the pair-by-pair computation with the public functions."""
+def test_stacked_block_pairs_equal_a_loop_over_pairs(merge, temperature, stack):
+    """SHD runs every block pair of one shape as one batch (on GPUs) or pair by pair (on CPUs);
+    the loss, its gradient and every log must equal the pair-by-pair computation with the public
+    functions."""
     teacher = timm.create_model("deit_small_patch16_224", img_size=32, num_classes=5).double().eval()
     student = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=5, depth=4).double()
     terms = shd_terms(merge=merge, temperature=temperature)
     distiller = Distiller(student, terms, teacher)
     student_tap = Tap(student, distiller.needs.student, "student")
-    teacher_tap = Tap(teacher, distiller.needs.teacher_capture, "teacher", record_probs=True)
+    teacher_tap = Tap(teacher, distiller.needs.teacher_capture, "teacher")
     x = torch.randn(3, 3, 32, 32, dtype=F64)
     with student_tap.recording_on():
         student(x)
@@ -266,6 +292,7 @@ def test_stacked_block_pairs_equal_a_loop_over_pairs(merge, temperature):
         def __init__(self, rec):
             self.record = type("R", (), {"attention": rec})()
 
+    distiller.methods["shd"].stack_pairs = stack
     loss, term_logs = distiller.methods["shd"](None, Out(s_rec), Out(t_rec))
     torch.testing.assert_close(loss, reference)
     (grad,) = torch.autograd.grad(loss, student.blocks[1].attn.qkv.weight)

@@ -106,9 +106,13 @@ def align_maps(maps: Tensor, src: TokenLayout, dst: TokenLayout) -> Tensor:
         dst: the layout to compare with (the student's).
 
     Returns:
-        ``[B, H, N', N']`` with ``N'`` the compared tokens of ``dst`` (:func:`kept_tokens`).
+        ``[B, H, N', N']`` with ``N'`` the compared tokens of ``dst`` (:func:`kept_tokens`);
+        ``maps`` itself when that is every token on the same grid.
     """
-    maps = _keep(maps, kept_tokens(src, dst), (-2, -1))
+    keep = kept_tokens(src, dst)
+    if keep is None and src.grid == dst.grid:
+        return maps
+    maps = _keep(maps, keep, (-2, -1))
     if src.grid != dst.grid:
         n_cls = 1 if src.has_class and dst.has_class else 0
         maps = _resample_axis(_resample_axis(maps, -1, n_cls, src.grid, dst.grid), -2, n_cls, src.grid, dst.grid)

@@ -10,9 +10,11 @@ Circuits are kept in factored form inside the squeeze: head ``h``'s circuit is
 factors of rank ``k·d_h`` and every ``M X`` product costs ``N²·k·d_h`` instead of ``N²·D``. The
 public :func:`squeeze_weights` takes full circuits and runs the same merge code (ours).
 
-The squeeze and the loss take any leading dimensions (``...`` below): SHD stacks all the block
-pairs of one shape and runs them as one batch, since a loop over 12 pairs launched thousands of
-small kernels and left a GPU idle for half of a DeiT step (docs/performance.md).
+The squeeze and the loss take any leading dimensions (``...`` below). On a GPU, SHD stacks all
+the block pairs of one shape and runs them as one batch, since a loop over 12 pairs launched
+thousands of small kernels and left a GPU idle for half of a DeiT step; on a CPU, where launches
+are cheap, the copies into the stack cost more than they save and the pairs run one by one
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -65,35 +67,52 @@ def _inner(a: _Circuit, b: _Circuit) -> Tensor:
     return ((a.v.transpose(-2, -1) @ b.v) * (a.w.transpose(-2, -1) @ b.w)).sum((-2, -1))
 
 
+def _pair_inners(u: _Circuit, v: _Circuit, delta: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``⟨Δ X_u, Δ X_u⟩``, ``⟨Δ X_u, Δ X_v⟩`` and ``⟨Δ X_v, Δ X_v⟩`` per sample; in factors, all
+    three are blocks of one Gram matrix of ``Δ [V_u V_v]`` and ``[W_u W_v]`` (two products, not six)."""
+    if u.w is None:
+        d_u, d_v = u.left(delta), v.left(delta)
+        return _inner(d_u, d_u), _inner(d_u, d_v), _inner(d_v, d_v)
+    r = u.v.shape[-1]
+    dv, w = delta @ torch.cat([u.v, v.v], -1), torch.cat([u.w, v.w], -1)
+    g = (dv.transpose(-2, -1) @ dv) * (w.transpose(-2, -1) @ w)  # [..., r_u + r_v, r_u + r_v]
+    return g[..., :r, :r].sum((-2, -1)), g[..., :r, r:].sum((-2, -1)), g[..., r:, r:].sum((-2, -1))
+
+
 @dataclass
 class _Head:
-    map: Tensor  # [..., N, N], a convex combination of teacher maps
-    circuit: _Circuit
+    map: Optional[Tensor]  # [..., N, N], a convex combination of teacher maps (None: not needed)
+    circuit: Optional[_Circuit]
     weights: Tensor  # [..., Ht], that combination
 
 
-def _merge_pair(u: _Head, v: _Head) -> _Head:
+def _merge_pair(u: _Head, v: _Head, weights_only: bool = False) -> _Head:
     """Merge two heads with the least-squares ``α`` of methods.md §4.
 
     With ``Δ = M_u − M_v`` and ``S = X_u + X_v``: ``Y − P_v = Δ X_u`` and ``P_u − P_v = Δ S``, so
     ``α* = ⟨Δ X_u, Δ S⟩ / ‖Δ S‖²``, clamped to ``[0, 1]``; 0.5 when ``‖Δ S‖`` is negligible next to
-    ``‖Δ X_u‖ + ‖Δ X_v‖`` (ours). Both come from the three products of ``Δ X_u`` and ``Δ X_v``.
+    ``‖Δ X_u‖ + ‖Δ X_v‖`` (ours). Both come from the three products of ``Δ X_u`` and ``Δ X_v``
+    (:func:`_pair_inners`).
+    ``weights_only``: the last round, whose merged maps and circuits nothing reads.
     """
     delta = u.map - v.map
-    d_u, d_v = u.circuit.left(delta), v.circuit.left(delta)
-    uu, uv, vv = _inner(d_u, d_u), _inner(d_u, d_v), _inner(d_v, d_v)
+    uu, uv, vv = _pair_inners(u.circuit, v.circuit, delta)
     num, den = uu + uv, uu + 2 * uv + vv
     alpha = torch.where(den > 1e-9 * (uu + vv), num / den.clamp_min(torch.finfo(den.dtype).tiny),
                         torch.full_like(den, 0.5)).clamp(0.0, 1.0)
     a = alpha[..., None]
-    return _Head(v.map + a[..., None] * delta, u.circuit + v.circuit, v.weights + a * (u.weights - v.weights))
+    weights = v.weights + a * (u.weights - v.weights)
+    if weights_only:
+        return _Head(None, None, weights)
+    return _Head(v.map + a[..., None] * delta, u.circuit + v.circuit, weights)
 
 
 def _progressive(heads: List[_Head], num_student_heads: int) -> List[_Head]:
     """Rounds of adjacent-pair merges; each merges ``min(H − Hs, ⌊H/2⌋)`` leading pairs."""
     while len(heads) > num_student_heads:
         n = min(len(heads) - num_student_heads, len(heads) // 2)
-        heads = [_merge_pair(heads[2 * i], heads[2 * i + 1]) for i in range(n)] + heads[2 * n:]
+        last = len(heads) - n == num_student_heads
+        heads = [_merge_pair(heads[2 * i], heads[2 * i + 1], last) for i in range(n)] + heads[2 * n:]
     return heads
 
 
@@ -229,10 +248,29 @@ def attention_mse(student_scores: Tensor, teacher_maps: Tensor, temperature: flo
 
 def attention_kl_rows(student_scores: Tensor, teacher_maps: Tensor, temperature: float) -> Tensor:
     """:func:`attention_kl` before the mean: ``τ² · KL`` per row, ``[..., N]`` for ``[..., N, N]``."""
-    scores = upcast(student_scores)
-    log_q = F.log_softmax(scores if temperature == 1 else scores / temperature, dim=-1)
-    p = upcast(teacher_maps.detach())
-    return temperature ** 2 * (torch.xlogy(p, p) - p * log_q).sum(-1)
+    return _AttentionKL.apply(upcast(student_scores), upcast(teacher_maps.detach()), temperature)
+
+
+class _AttentionKL(torch.autograd.Function):
+    """``τ² · KL(p ‖ softmax(z / τ))`` per row with its gradient ``τ (softmax(z / τ) Σp − p)``
+    computed in the forward (ours): the backward keeps one ``N×N`` map per call instead of the
+    target and ``log q``, so the targets are freed as soon as each block pair's loss is known
+    (autograd's graph kept both for every pair until the backward)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, p: Tensor, temperature: float) -> Tensor:
+        log_q = F.log_softmax(scores if temperature == 1 else scores / temperature, dim=-1)
+        # p log p with 0 log 0 = 0, as xlogy, which on CPUs runs ~10x slower than a clamped log
+        rows = p.clamp_min(torch.finfo(p.dtype).tiny).log_().sub_(log_q).mul_(p).sum(-1)
+        grad = log_q.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p)
+        ctx.save_for_backward(grad.mul_(temperature) if temperature != 1 else grad)
+        return rows.mul_(temperature ** 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_rows.unsqueeze(-1), None, None
 
 
 @torch.no_grad()
@@ -271,6 +309,7 @@ class SHD(Method):
     averaged over the block pairs; logs each pair's loss and how the squeeze weights spread."""
 
     Config = SHDConfig
+    stack_pairs: Optional[bool] = None  # stack the block pairs of one shape; None: on GPUs only
 
     def __init__(self, cfg: Any, student, teacher):
         super().__init__(cfg, student, teacher)
@@ -289,10 +328,14 @@ class SHD(Method):
 
     def forward(self, batch, student, teacher):
         cfg = self.cfg
-        groups: Dict[Tuple, List[Tuple[int, int]]] = {}  # pairs whose tensors stack
+        stack = self.stack_pairs
+        if stack is None:
+            stack = teacher.record.attention[self.pairs[0][1]].v.device.type == "cuda"
+        groups: Dict[Tuple, List[Tuple[int, int]]] = {}  # pairs run as one batch
         for s, t in self.pairs:
             t_rec, s_rec = teacher.record.attention[t], student.record.attention[s]
-            groups.setdefault((t_rec.v.shape, t_rec.proj_weight.shape, s_rec.q.shape, s_rec.scale), []).append((s, t))
+            key = (t_rec.v.shape, t_rec.proj_weight.shape, s_rec.q.shape, s_rec.scale) if stack else (s, t)
+            groups.setdefault(key, []).append((s, t))
         losses, w_max, w_eff, logs = [], [], [], {}
         for pairs in groups.values():
             t_rec = AttentionRecord.stack([teacher.record.attention[t] for _, t in pairs])

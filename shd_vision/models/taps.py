@@ -55,7 +55,6 @@ class AttentionRecord:
     """One block's attention as its forward computed it.
 
     Shapes: ``q``, ``k``, ``v`` ``[B, H, N, d_h]``; ``proj_weight`` ``[D, H·d_h]`` (``W_O``);
-    ``probs`` ``[B, H, N, N]``, the softmax the forward computed (recorded for teachers only);
     ``qkv`` ``[B, N, 3·H·d_h]``, the projection's output before ``q_norm``/``k_norm`` (queries,
     keys, values, each with the heads concatenated: what MiniLMv2 re-splits).
     """
@@ -65,30 +64,30 @@ class AttentionRecord:
     v: Tensor
     scale: float
     proj_weight: Tensor
-    probs: Optional[Tensor] = None
     qkv: Optional[Tensor] = None
 
     @staticmethod
     def stack(records: List["AttentionRecord"]) -> "AttentionRecord":
         """Records of blocks with equal shapes as one, with a leading block axis: ``q``, ``k``,
-        ``v`` ``[P, B, H, N, d_h]``, ``proj_weight`` ``[P, 1, D, H·d_h]``, ``probs``
-        ``[P, B, H, N, N]``, so that every block's math runs as one batch."""
+        ``v`` ``[P, B, H, N, d_h]`` and ``proj_weight`` ``[P, 1, D, H·d_h]``, so that every
+        block's math runs as one batch."""
         def stack(ts: List[Tensor]) -> Tensor:
             return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
 
-        probs = [r.probs for r in records]
         return AttentionRecord(stack([r.q for r in records]), stack([r.k for r in records]),
                                stack([r.v for r in records]), records[0].scale,
-                               stack([r.proj_weight for r in records]).unsqueeze(1),
-                               None if any(p is None for p in probs) else stack(probs))
+                               stack([r.proj_weight for r in records]).unsqueeze(1))
 
     def scores(self) -> Tensor:
         """Pre-softmax scores ``q kᵀ · scale``, ``[B, H, N, N]``."""
         return (self.q * self.scale) @ self.k.transpose(-2, -1)
 
     def maps(self) -> Tensor:
-        """Attention maps (softmax of the scores), ``[B, H, N, N]``."""
-        return self.probs if self.probs is not None else self.scores().softmax(-1)
+        """Attention maps (softmax of the scores), ``[B, H, N, N]``: computed again, since the fused
+        attention kernel of the forward never materialises them, and recording them from timm's
+        unfused path cost more on CPUs (docs/performance.md). The softmax runs in float32 at least."""
+        scores = self.scores()
+        return scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
 
     def circuits(self) -> Tensor:
         """Per-head circuits ``X_h = V_h W_O,hᵀ``, ``[B, H, N, D]`` (methods.md §4)."""
@@ -133,12 +132,9 @@ class Tap:
         role: ``student`` or ``teacher``, for messages.
         token_grad: make the recorded tokens a leaf that requires grad (a frozen teacher's
             attributions need gradients with respect to its tokens).
-        record_probs: switch the captured blocks to timm's unfused attention and record its
-            softmax (for a teacher, whose maps are materialised anyway).
     """
 
-    def __init__(self, model: nn.Module, capture: Capture, role: str, token_grad: bool = False,
-                 record_probs: bool = False):
+    def __init__(self, model: nn.Module, capture: Capture, role: str, token_grad: bool = False):
         self.record = Recorded()
         self.recording = False
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
@@ -152,9 +148,6 @@ class Tap:
         for i in capture.attention:
             attn = blocks[i].attn
             self._handles.append(attn.qkv.register_forward_hook(self._attention_hook(i, attn)))
-            if record_probs:
-                attn.fused_attn = False
-                self._handles.append(attn.attn_drop.register_forward_pre_hook(self._probs_hook(i)))
         for i in capture.features:
             self._handles.append(blocks[i].register_forward_hook(self._feature_hook(i)))
         if capture.tokens:
@@ -168,12 +161,6 @@ class Tap:
             q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             self.record.attention[index] = AttentionRecord(attn.q_norm(q), attn.k_norm(k), v, attn.scale,
                                                            attn.proj.weight, qkv=qkv)
-        return hook
-
-    def _probs_hook(self, index: int):
-        def hook(module: nn.Module, args) -> None:
-            if self.recording:
-                self.record.attention[index].probs = args[0]
         return hook
 
     def _feature_hook(self, index: int):

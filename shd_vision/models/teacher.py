@@ -69,7 +69,7 @@ class Teacher(nn.Module):
         self.register_buffer("student_mean", torch.tensor(student_input["mean"]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("student_std", torch.tensor(student_input["std"]).view(1, -1, 1, 1), persistent=False)
         self.token_grad = token_grad
-        self.tap = Tap(model, capture, "teacher", token_grad=token_grad, record_probs=True)
+        self.tap = Tap(model, capture, "teacher", token_grad=token_grad)
         self.layout = token_layout(model) if hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens") else None
 
     @property

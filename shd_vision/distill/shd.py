@@ -67,15 +67,16 @@ def _inner(a: _Circuit, b: _Circuit) -> Tensor:
     return ((a.v.transpose(-2, -1) @ b.v) * (a.w.transpose(-2, -1) @ b.w)).sum((-2, -1))
 
 
-def _pair_inners(u: _Circuit, v: _Circuit, delta: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """``⟨Δ X_u, Δ X_u⟩``, ``⟨Δ X_u, Δ X_v⟩`` and ``⟨Δ X_v, Δ X_v⟩`` per sample; in factors, all
-    three are blocks of one Gram matrix of ``Δ [V_u V_v]`` and ``[W_u W_v]`` (two products, not six)."""
+def _pair_inners(u: _Circuit, v: _Circuit, both: _Circuit, delta: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``⟨Δ X_u, Δ X_u⟩``, ``⟨Δ X_u, Δ X_v⟩`` and ``⟨Δ X_v, Δ X_v⟩`` per sample, given ``both = u + v``;
+    in factors, all three are blocks of one Gram matrix of ``Δ [V_u V_v]`` and ``[W_u W_v]``, the
+    factors of ``both`` (two products, not six)."""
     if u.w is None:
         d_u, d_v = u.left(delta), v.left(delta)
         return _inner(d_u, d_u), _inner(d_u, d_v), _inner(d_v, d_v)
     r = u.v.shape[-1]
-    dv, w = delta @ torch.cat([u.v, v.v], -1), torch.cat([u.w, v.w], -1)
-    g = (dv.transpose(-2, -1) @ dv) * (w.transpose(-2, -1) @ w)  # [..., r_u + r_v, r_u + r_v]
+    dv = delta @ both.v
+    g = (dv.transpose(-2, -1) @ dv) * (both.w.transpose(-2, -1) @ both.w)  # [..., r_u + r_v, r_u + r_v]
     return g[..., :r, :r].sum((-2, -1)), g[..., :r, r:].sum((-2, -1)), g[..., r:, r:].sum((-2, -1))
 
 
@@ -96,7 +97,8 @@ def _merge_pair(u: _Head, v: _Head, weights_only: bool = False) -> _Head:
     ``weights_only``: the last round, whose merged maps and circuits nothing reads.
     """
     delta = u.map - v.map
-    uu, uv, vv = _pair_inners(u.circuit, v.circuit, delta)
+    both = u.circuit + v.circuit  # the merged head's circuit X_u + X_v
+    uu, uv, vv = _pair_inners(u.circuit, v.circuit, both, delta)
     num, den = uu + uv, uu + 2 * uv + vv
     alpha = torch.where(den > 1e-9 * (uu + vv), num / den.clamp_min(torch.finfo(den.dtype).tiny),
                         torch.full_like(den, 0.5)).clamp(0.0, 1.0)
@@ -104,7 +106,7 @@ def _merge_pair(u: _Head, v: _Head, weights_only: bool = False) -> _Head:
     weights = v.weights + a * (u.weights - v.weights)
     if weights_only:
         return _Head(None, None, weights)
-    return _Head(v.map + a[..., None] * delta, u.circuit + v.circuit, weights)
+    return _Head(v.map + a[..., None] * delta, both, weights)
 
 
 def _progressive(heads: List[_Head], num_student_heads: int) -> List[_Head]:

@@ -18,6 +18,10 @@
 # and draws top-1 against the head count (trend.png).
 # Rerunning it continues an interrupted study: each run resumes from its last checkpoint and
 # finished runs are skipped. STUDY_LOGS=DIR puts every run under DIR instead of logs/.
+# Records: every finished run's summary.json, config.yaml and metrics.jsonl are copied to
+# docs/results/runs/<study>/ (STUDY_RECORDS=DIR) as it lands, to be committed; on a fresh machine
+# they are copied back first, and a finished record stands without its checkpoints (train.py
+# skips a run whose record defines the same run), so a study continues across machines.
 # STUDY_CACHE=K: the rows that read only the teacher's logits (the logit sweep, logit KD, DeiT
 # hard) replay teacher caches of its top-K logits (python -m shd_vision.cache), one per seed,
 # written first (STUDY_CACHE_DTYPE, default float32: with K = the 10 classes, exactly the live
@@ -38,7 +42,18 @@ root=$logs/${prefix}_study/multiruns
 if [ "$prefix" = digits ] && [ ! -f $logs/teachers/vit_digits_teacher/summary.json ]; then
   $py train.py experiment=digits_teacher trainer.resume=auto paths.log_dir=$logs "$@"
 fi
-run() { $py train.py -m experiment=${prefix}_study trainer.resume=auto paths.log_dir=$logs "$@"; }
+records=$(realpath -m "${STUDY_RECORDS:-docs/results/runs/${prefix}_$study}")
+keep() {  # from $1 to $2: the record of every finished run that $2 lacks
+  [ -d "$1" ] || return 0
+  (cd "$1" && grep -rl --include=summary.json '"status": "finished"' . || true) | while read -r f; do
+    d=$(dirname "$f")
+    [ -f "$2/$d/summary.json" ] && continue
+    mkdir -p "$2/$d" && for k in config.yaml metrics.jsonl summary.json; do  # the summary last: the record is whole
+      [ ! -f "$1/$d/$k" ] || cp "$1/$d/$k" "$2/$d/$k"; done
+  done
+}
+keep "$records" "$root"
+run() { $py train.py -m experiment=${prefix}_study trainer.resume=auto paths.log_dir=$logs "$@"; keep "$root" "$records"; }
 caches() {  # name, seeds, plan overrides: with STUDY_CACHE, one cache per seed, and the override that reads it
   [ -n "${STUDY_CACHE:-}" ] || return 0
   local name=$1 seeds=$2 dir=$logs/${prefix}_study/caches/k${STUDY_CACHE}_$1; shift 2

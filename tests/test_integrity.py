@@ -109,6 +109,29 @@ def test_a_resume_that_changes_the_run_is_refused_naming_every_difference(make_c
     assert files_of(tmp_path / "run", skip) == {p: b for p, b in before.items() if p.name not in skip}
 
 
+def test_a_finished_record_without_checkpoints_stands_and_a_different_run_is_refused(make_cfg, tmp_path):
+    """A study's committed records (summary.json, config.yaml, metrics.jsonl) on a fresh machine:
+    resume=auto skips the same run, refuses a differently defined one, and a stopped record retrains."""
+    finished = ["kd=none", "trainer.max_steps=4"]
+    summary, _ = train(make_cfg(*finished))
+    assert summary["facts"]["processes"] == 1 and summary["facts"]["train_images"] == 256
+    run = tmp_path / "run"
+    for p in sorted(run.iterdir()):  # keep only what a study commits
+        if p.name not in ("summary.json", "config.yaml", "metrics.jsonl"):
+            subprocess.run(["rm", "-rf", str(p)], check=True)
+    before = files_of(run)
+    skip = (".lock", "train.log")  # the log gains the line that says so
+    again, _ = train(make_cfg(*finished, "trainer.resume=auto", "trainer.log_every=3"))  # a resumable key differs
+    assert again == summary and files_of(run, skip) == before
+    with pytest.raises(UserError) as refused:
+        train(make_cfg("kd=none", "trainer.max_steps=4", "seed=3", "trainer.resume=auto"))
+    assert "seed (0 in the record, 3 now)" in paragraph(str(refused.value)) and files_of(run, skip) == before
+    stopped = json.loads((run / "summary.json").read_text()) | {"status": "stopped"}
+    (run / "summary.json").write_text(json.dumps(stopped))
+    retrained, _ = train(make_cfg(*finished, "trainer.resume=auto"))
+    assert retrained["status"] == "finished" and (run / "checkpoints/last.pt").is_file()
+
+
 def test_a_resume_with_another_process_count_is_refused(make_cfg, tmp_path):
     train(make_cfg("kd=none", "trainer.max_steps=2"))
     last = tmp_path / "run/checkpoints/last.pt"
@@ -130,6 +153,21 @@ def test_a_checkpoint_from_before_facts_were_recorded_is_checked_on_what_it_show
     with pytest.raises(UserError, match=r"in 1 key\(s\): run\.processes \(2 in the checkpoint, 1 now\)"):
         check_resume("old.pt", old, now)
     check_resume("old.pt", {**old, "rng": [{}]}, now)  # the same process count: nothing else to compare
+
+
+def test_a_run_from_another_clone_of_the_project_is_the_same_run():
+    """The shipped teacher's path differs between clones; a teacher elsewhere is another run."""
+    from shd_vision.engine.identity import differences, fingerprint
+
+    def cfg(root, teacher):
+        return OmegaConf.create({"paths": {"root_dir": root, "log_dir": f"{root}/logs"}, "seed": 0,
+                                 "teacher": {"checkpoint": teacher}})
+
+    here = fingerprint(cfg("/work/a", "/work/a/shd_vision/assets/t"), {})
+    assert here["teacher.checkpoint"] == "${paths.root_dir}/shd_vision/assets/t"
+    assert fingerprint(cfg("/srv/b/", "/srv/b/shd_vision/assets/t"), {}) == here
+    assert differences(here, fingerprint(cfg("/srv/b", "/work/a/shd_vision/assets/t"), {})) == [
+        "teacher.checkpoint (${paths.root_dir}/shd_vision/assets/t in the checkpoint, /work/a/shd_vision/assets/t now)"]
 
 
 def test_a_run_named_by_slurm_is_guarded_the_same_way(tmp_path):

@@ -58,12 +58,21 @@ def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def fingerprint(cfg: DictConfig | Mapping, facts: Mapping[str, Any]) -> Dict[str, Any]:
-    """Every run-defining value: the config's keys outside :data:`RESUMABLE` (dotted, resolved)
-    plus ``facts`` (:func:`run_facts`) under ``run.``."""
+    """Every run-defining value: the config's keys outside :data:`RESUMABLE` (dotted, resolved;
+    paths inside the project relative to it) plus ``facts`` (:func:`run_facts`) under ``run.``."""
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    flat = {k: v for k, v in _flatten(tree).items() if not resumable(k)}
+    root = str(tree.get("paths", {}).get("root_dir") or "").rstrip("/")
+    flat = {k: _inside_project(v, root) for k, v in _flatten(tree).items() if not resumable(k)}
     flat.update({f"run.{k}": v for k, v in facts.items()})
     return flat
+
+
+def _inside_project(value: Any, root: str) -> Any:
+    """A path inside the project (a shipped teacher) as ``${paths.root_dir}/...``: the same run
+    in another clone of the project is the same run."""
+    if root and isinstance(value, str) and value.startswith(root + "/"):
+        return "${paths.root_dir}" + value[len(root):]
+    return value
 
 
 def run_facts(global_batch: int, processes: int, train_images: int, classes: List[str],
@@ -154,6 +163,35 @@ def finished_summary(run_dir: Path, step: int, total_steps: int) -> Optional[Dic
         return None
     log.info("%s finished already (step %d of %d); its summary.json stands, nothing to do", run_dir, step,
              total_steps)
+    return summary
+
+
+def finished_record(cfg: DictConfig, run_dir: Path, now: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The summary of a finished run whose checkpoints are gone (a study's committed records on
+    a fresh machine keep ``summary.json``, ``config.yaml`` and ``metrics.jsonl`` only), when
+    ``trainer.resume=auto`` finds no checkpoint: the record stands if it defines the same run as
+    ``now`` (:func:`fingerprint`); None when there is no finished record.
+
+    Raises:
+        UserError: the record belongs to a run defined differently; retraining would overwrite it.
+    """
+    summary_file, config_file = run_dir / "summary.json", run_dir / "config.yaml"
+    if cfg.trainer.resume != "auto" or not (summary_file.is_file() and config_file.is_file()):
+        return None
+    summary = json.loads(summary_file.read_text())
+    if summary.get("status") != "finished":
+        return None
+    recorded = fingerprint(OmegaConf.load(config_file), summary.get("facts") or {})
+    diff = differences(recorded, {k: v for k, v in now.items() if not k.startswith("run.") or k in recorded},
+                       where="the record")
+    if diff:
+        raise UserError(
+            f"trainer.resume=auto: {run_dir} holds a finished run without checkpoints, defined "
+            f"differently from this one in {len(diff)} key(s): {'; '.join(diff)}. Training here would "
+            "overwrite its record; give this run another run_name, or move that directory away to "
+            "train it again.")
+    log.info("%s finished already (its checkpoints are not here; summary.json and config.yaml are): "
+             "its record stands, nothing to do", run_dir)
     return summary
 
 

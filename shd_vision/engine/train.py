@@ -282,8 +282,11 @@ class Run:
         self.restore()
         if self.state.step >= self.total_steps or self.state.epoch >= self.cfg.trainer.epochs:
             summary = identity.finished_summary(self.run_dir, self.state.step, self.total_steps)
-            if summary is not None:  # resume=auto on a finished run (a sweep continued): nothing to do
-                return summary
+        else:  # nothing resumed: a finished run may still stand as its record alone
+            summary = None if self.state.step else identity.finished_record(
+                self.cfg, self.run_dir, identity.fingerprint(self.cfg, self.facts))
+        if summary is not None:  # resume=auto on a finished run (a sweep continued): nothing to do
+            return summary
         self._write_config()
         self._log_start()
         try:
@@ -527,6 +530,7 @@ class Run:
                 export = str(export_student(self.student, self.run_dir / "export", self.data_config))
         summary = {
             "status": "finished",
+            "facts": self.facts,
             "method": cfg.kd.name,
             "terms": dict(self.distiller.weights),
             "model": cfg.model.name,

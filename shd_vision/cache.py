@@ -440,7 +440,7 @@ class _Writer:
             images, labels = images.to(self.rt.device), labels.to(self.rt.device)
             if tr.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            images, targets = data.targets(images, labels, epoch, batch)
+            images, targets = data.finish(images, labels, epoch, batch)
             with runtime.autocast(self.rt, tr.precision):
                 logits = self.teacher.outputs(images, epoch, batch).logits
             v, i, lse = sparse_logits(logits, k)

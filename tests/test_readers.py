@@ -424,3 +424,54 @@ def test_the_teacher_cache_refuses_a_stream(written, tmp_path):
     with pytest.raises(datasets.UserError, match="is read as a stream .* a cache cannot replay exactly"):
         write_cache(cfg)
     assert not list((tmp_path / "cache").glob("epoch-*"))
+
+
+def first_batch(cfg):
+    """The first training batch of the folder reader (in-process), with its ``(index, seed)`` items."""
+    data_cfg = {"input_size": (3, 16, 16), "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.25, 0.3),
+                "interpolation": "bicubic", "crop_pct": 0.875}
+    data = build_data(cfg, open_splits(cfg), data_cfg, seed=0)
+    data.sampler.set_epoch(0)
+    items = list(data.sampler)[:cfg.batch_size]
+    images, labels = next(iter(data.train))
+    return data, data_cfg, items, images, labels
+
+
+def test_uint8_images_normalised_on_the_device_are_timms_stock_pipeline(written):
+    """data.normalize_on_device=false is timm's create_transform, pixel for pixel (RandAugment m9,
+    bicubic crops); true ships the same crops and ops as uint8, normalised in BatchFinish to the
+    same floats, with random erasing drawn per batch: replayable, and the global RNGs untouched."""
+    import random as pyrandom
+
+    from timm.data import create_transform
+
+    aug = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.0, "color_jitter": None}
+    off = reader_cfg(written, "folder", batch_size=8, num_workers=0, normalize_on_device=False, aug=aug)
+    data, data_cfg, items, floats, labels = first_batch(off)
+    assert floats.dtype == torch.float32
+    stock = create_transform(16, is_training=True, auto_augment=aug["auto_augment"], interpolation="bicubic",
+                             mean=data_cfg["mean"], std=data_cfg["std"], crop_pct=0.875)
+    reader = data.train.dataset.dataset
+    reader.transform = None
+    for (index, seed), image in zip(items, floats):
+        pyrandom.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        assert torch.equal(stock(reader[index][0]), image)
+    on = OmegaConf.merge(off, {"normalize_on_device": True})
+    data, _, _, uint8, same_labels = first_batch(on)
+    assert uint8.dtype == torch.uint8 and torch.equal(labels, same_labels)
+    finished, _ = data.finish(uint8, labels, 0, 0)
+    torch.testing.assert_close(finished, floats, rtol=0, atol=1e-5)
+    # erasing (const: a rectangle of zeros in normalised space) in every image at p=1, the same on a replay
+    erase = OmegaConf.merge(on, {"aug": {"re_prob": 1.0, "re_mode": "const"}})
+    data, _, _, uint8, labels = first_batch(erase)
+    states = pyrandom.getstate(), torch.get_rng_state()
+    erased, _ = data.finish(uint8, labels, 0, 0)
+    again, _ = data.finish(uint8, labels, 0, 0)
+    other, _ = data.finish(uint8, labels, 0, 1)
+    assert (pyrandom.getstate(), torch.get_rng_state().tolist()) == (states[0], states[1].tolist())
+    assert torch.equal(erased, again) and not torch.equal(erased, other)
+    zeros = (erased == 0).all(1).flatten(1).sum(1)
+    assert (zeros >= 0.02 * 16 * 16).all() and (zeros <= 16 * 16 / 3 + 16).all()
+    assert ((erased != 0) == (finished != 0)).flatten(1).float().mean(1).lt(1).all()

@@ -1,4 +1,5 @@
-"""Transforms (timm), samplers and loaders, and the batch targets (mixup, label smoothing).
+"""Transforms (timm), samplers and loaders, and the batches' device-side end (normalisation
+and erasing of uint8 images, mixup, label smoothing).
 
 Augmentation is a pure function of ``(seed, epoch, position in the epoch)``: the train sampler
 hands each item its own seed, and the dataset seeds the RNGs from it before transforming. A run
@@ -23,6 +24,7 @@ from omegaconf import DictConfig
 from timm.data import Mixup, create_transform, resolve_input_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.mixup import mixup_target
+from timm.data.random_erasing import RandomErasing
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, Subset
 from torchvision import transforms as T
@@ -119,7 +121,9 @@ def resolve_input(cfg: DictConfig, model: nn.Module) -> Dict[str, Any]:
 
 
 def build_transform(cfg: DictConfig, data_cfg: Dict[str, Any], channels_in: int, training: bool):
-    """timm's train or eval transform, after turning the images into the model's channel count."""
+    """timm's train or eval transform, after turning the images into the model's channel count.
+    With ``data.normalize_on_device`` the train transform ends in uint8 tensors (timm's prefetcher
+    form) and :class:`BatchFinish` normalises and erases them."""
     c = data_cfg["input_size"][0]
     common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
                   interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"])
@@ -128,7 +132,8 @@ def build_transform(cfg: DictConfig, data_cfg: Dict[str, Any], channels_in: int,
         tf = create_transform(is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
                               hflip=aug.hflip, vflip=aug.vflip, color_jitter=aug.color_jitter,
                               auto_augment=aug.auto_augment, re_prob=aug.re_prob,
-                              re_mode=aug.re_mode, re_count=aug.re_count, **common)
+                              re_mode=aug.re_mode, re_count=aug.re_count,
+                              use_prefetcher=bool(cfg.get("normalize_on_device")), **common)
     else:
         tf = create_transform(is_training=False, **common)
     if channels_in != c:
@@ -267,13 +272,19 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-class BatchTargets:
-    """Turns a batch's labels into training targets: timm's Mixup/CutMix, or smoothed one-hot
-    labels, or the labels themselves. ``F.cross_entropy`` takes all three forms. timm's Mixup draws
-    from NumPy's global RNG, which is seeded per batch (:func:`batch_seed`) and then restored."""
+class BatchFinish:
+    """The end of one rank's training batch ``(epoch, batch)``, on the training device.
 
-    def __init__(self, cfg: DictConfig, num_classes: int, seed: int, rank: int):
-        m = cfg.mixup
+    With ``data.normalize_on_device`` the loader workers ship uint8 images (a quarter of
+    float32's bytes, and no per-image float conversion) and normalisation and random erasing run
+    here, as in timm's prefetcher. Then the targets: timm's Mixup/CutMix, or smoothed one-hot
+    labels, or the labels themselves (``F.cross_entropy`` takes all three). Erasing and mixup draw
+    from RNGs seeded by :func:`batch_seed` and then restored, so a batch is a function of
+    ``(seed, epoch, batch, rank)`` and the teacher cache can replay it.
+    """
+
+    def __init__(self, cfg: DictConfig, data_cfg: Dict[str, Any], num_classes: int, seed: int, rank: int):
+        m, aug = cfg.mixup, cfg.aug
         self.mixup = None
         if m.mixup_alpha > 0 or m.cutmix_alpha > 0:
             if cfg.batch_size % 2:
@@ -283,17 +294,42 @@ class BatchTargets:
                                label_smoothing=m.label_smoothing, num_classes=num_classes)
         self.smoothing, self.num_classes = m.label_smoothing, num_classes
         self.seed, self.rank = seed, rank
+        self.on_device = bool(cfg.get("normalize_on_device"))
+        # uint8 in [0, 255] to the float images timm's Normalize makes of them
+        self.mean = torch.tensor(data_cfg["mean"]).view(-1, 1, 1) * 255
+        self.std = torch.tensor(data_cfg["std"]).view(-1, 1, 1) * 255
+        self.erase = (RandomErasing(aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device="cpu")
+                      if self.on_device and aug.re_prob > 0 else None)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch: int
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The images (mixed) and targets of this rank's ``batch``-th batch of ``epoch``."""
-        if self.mixup is not None:
-            with isolated_rng():
-                np.random.seed(batch_seed(self.seed, epoch, batch, self.rank))
+        """The images (normalised, erased, mixed) and targets of this rank's ``batch``-th batch of ``epoch``."""
+        if self.mixup is None and self.smoothing == 0 and not self.on_device:
+            return images, labels
+        devices = [images.device] if images.device.type == "cuda" else []
+        with isolated_rng(), torch.random.fork_rng(devices=devices):
+            s = batch_seed(self.seed, epoch, batch, self.rank)
+            random.seed(s)
+            np.random.seed(s)
+            torch.default_generator.manual_seed(s)
+            if devices:
+                torch.cuda.manual_seed(s)  # the current device's generator only: random erasing's noise
+            if images.dtype == torch.uint8:
+                images = self.normalize(images)
+            if self.mixup is not None:
                 return self.mixup(images, labels)
         if self.smoothing > 0:
             return images, mixup_target(labels, self.num_classes, 1.0, self.smoothing)
         return images, labels
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, C, H, W]`` to normalised float32, then random erasing (timm's, per image)."""
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        images = (images.float() - mean) / std
+        if self.erase is not None:
+            self.erase.device = images.device
+            images = self.erase(images)
+        return images
 
 
 @dataclass
@@ -303,7 +339,7 @@ class Data:
     train: DataLoader
     val: DataLoader
     sampler: Union[EpochSampler, "StreamEpochs"]
-    targets: BatchTargets
+    finish: BatchFinish  # normalise/erase (data.normalize_on_device), mixup, targets
     classes: List[str]
     input: Dict[str, Any]  # input_size, mean, std, interpolation, crop_pct (saved in checkpoints)
     train_images: int  # an epoch's training images, over all processes
@@ -389,7 +425,7 @@ def build_data(cfg: DictConfig, splits: Tuple[Dataset, Dataset, Sequence[str]], 
                               num_workers=cfg.num_workers, pin_memory=_pin(cfg), drop_last=True,
                               generator=_own_generator())
     val_loader = build_val_loader(cfg, val, data_cfg, rank, world, bad_record)
-    return Data(train_loader, val_loader, sampler, BatchTargets(cfg, len(classes), seed, rank), list(classes),
+    return Data(train_loader, val_loader, sampler, BatchFinish(cfg, data_cfg, len(classes), seed, rank), list(classes),
                 data_cfg, len(train), len(val_loader.dataset))
 
 
@@ -421,7 +457,7 @@ def _stream_data(cfg: DictConfig, train: IterableDataset, val: Dataset, classes:
     loader = DataLoader(train, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=_pin(cfg),
                         drop_last=True, generator=_own_generator())
     val_loader = build_val_loader(cfg, val, data_cfg, rank, world)
-    return Data(loader, val_loader, StreamEpochs(loader, seed, rank), BatchTargets(cfg, len(classes), seed, rank),
+    return Data(loader, val_loader, StreamEpochs(loader, seed, rank), BatchFinish(cfg, data_cfg, len(classes), seed, rank),
                 list(classes), data_cfg, train.reader.per_worker * world * cfg.num_workers,
                 val.reader.split_info.num_samples, world * cfg.num_workers)
 

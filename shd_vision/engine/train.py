@@ -356,7 +356,7 @@ class Run:
             labels = labels.to(self.rt.device, non_blocking=True)
             if tr.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            images, targets = self.data.targets(images, labels, st.epoch, st.epoch_batches)
+            images, targets = self.data.finish(images, labels, st.epoch, st.epoch_batches)
             batch = Batch(images, targets, targets.argmax(-1) if targets.ndim == 2 else targets)
             with runtime.autocast(self.rt, tr.precision):
                 teacher_out = (self.teacher.outputs(images, st.epoch, st.epoch_batches)

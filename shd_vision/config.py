@@ -99,6 +99,7 @@ class DataConfig:
     std: Optional[List[float]] = None
     repeated_aug: int = at_least(0)
     skip_bad_images: bool = False  # replace an unreadable image by the next readable one instead of stopping
+    normalize_on_device: Optional[bool] = None  # workers ship uint8; the training device normalises and erases
     aug: AugConfig = field(default_factory=AugConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
 

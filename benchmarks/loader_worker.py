@@ -7,11 +7,12 @@ Each arm is a subprocess with one DataLoader worker, batch 64, alternating over 
   ours, speed-ups off our loader with data.normalize_on_device=false, stock Pillow (pixel-identical
                       to timm's transform: tests/test_readers.py)
   ours, uint8         data.normalize_on_device=true (workers ship uint8; the device normalises), stock Pillow
+  ours, OpenCV warps  data.aug.affine=opencv (RandAugment's rotate/shear/translate), stock Pillow
   ours, pillow-simd   speed-ups off, pillow-simd
-  ours                both speed-ups (the default for image folders where install.sh built pillow-simd)
+  ours (all three)    the default for image folders where install.sh built pillow-simd
 Stock Pillow comes from .venv/pillow-stock (install.sh puts it there when it installs pillow-simd).
-Then the augmented images of both Pillow builds on the same crops and ops (same seeds): their mean
-absolute difference per pixel, in grey levels.
+Then the augmented uint8 images of "ours, uint8" and "ours (all three)" on the same crops and ops
+(same seeds): their mean absolute difference per pixel, in grey levels.
 
     python benchmarks/loader_worker.py [--images 1600] [--rounds 2]
 """
@@ -34,12 +35,13 @@ HERE = Path(__file__).resolve().parent
 STOCK = HERE.parent / ".venv" / "pillow-stock"
 AUG = dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", color_jitter=0.3,
            interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875)
-ARMS = {  # name: (pillow, loader, normalize_on_device)
-    "timm stock": ("stock", "timm", None),
-    "ours, speed-ups off": ("stock", "ours", False),
-    "ours, uint8": ("stock", "ours", True),
-    "ours, pillow-simd": ("simd", "ours", False),
-    "ours (uint8 + pillow-simd)": ("simd", "ours", True),
+ARMS = {  # name: (pillow, loader, data.normalize_on_device, data.aug.affine)
+    "timm stock": ("stock", "timm", None, None),
+    "ours, speed-ups off": ("stock", "ours", False, "pil"),
+    "ours, uint8": ("stock", "ours", True, "pil"),
+    "ours, OpenCV warps": ("stock", "ours", False, "opencv"),
+    "ours, pillow-simd": ("simd", "ours", False, "pil"),
+    "ours (all three)": ("simd", "ours", True, "opencv"),
 }
 
 
@@ -52,13 +54,13 @@ def timm_loader(root: str, batch: int):
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=1, drop_last=True)
 
 
-def our_loader(root: str, batch: int, on_device: bool):
+def our_loader(root: str, batch: int, on_device: bool, affine: str):
     from shd_vision.config import compose_train
     from shd_vision.data.loaders import build_data, open_splits
 
     cfg = compose_train(["data=imagenet", f"data.root={root}", "data.num_classes=10", "data.repeated_aug=0",
                          f"data.batch_size={batch}", "data.num_workers=1", f"data.normalize_on_device={on_device}",
-                         "data.pin_memory=false"])
+                         f"data.aug.affine={affine}", "data.pin_memory=false"])
     data_cfg = {"input_size": (3, 224, 224), "mean": AUG["mean"], "std": AUG["std"], "interpolation": "bicubic",
                 "crop_pct": AUG["crop_pct"]}
     data = build_data(cfg.data, open_splits(cfg.data), data_cfg, seed=0)
@@ -71,7 +73,7 @@ def arm(args) -> None:
     import PIL
 
     loader = timm_loader(args.root, args.batch) if args.loader == "timm" else our_loader(
-        args.root, args.batch, args.on_device == "true")
+        args.root, args.batch, args.on_device == "true", args.affine)
     it = iter(loader)
     first = next(it)[0]  # the worker's start-up and its prefetched batches are not timed
     for _ in range(2):
@@ -86,12 +88,12 @@ def arm(args) -> None:
 
 
 def run_arm(name: str, root: Path, batch: int, dump: str = "") -> dict:
-    pillow, loader, on_device = ARMS[name]
+    pillow, loader, on_device, affine = ARMS[name]
     env = dict(os.environ)
     if pillow == "stock":
         env["PYTHONPATH"] = os.pathsep.join([str(STOCK), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, __file__, "--arm", "--root", str(root), "--batch", str(batch), "--loader", loader,
-           "--on-device", str(on_device).lower(), "--dump", dump]
+           "--on-device", str(on_device).lower(), "--affine", str(affine), "--dump", dump]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE.parent)
     if out.returncode:
         raise SystemExit(f"arm {name!r} failed:\n{out.stderr[-3000:]}")
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--loader", help=argparse.SUPPRESS)
     parser.add_argument("--on-device", help=argparse.SUPPRESS)
+    parser.add_argument("--affine", help=argparse.SUPPRESS)
     parser.add_argument("--dump", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
@@ -134,10 +137,10 @@ def main() -> None:
         same = None
         if simd and STOCK.is_dir():  # the same crops and ops through both Pillow builds, uint8 out of the workers
             run_arm("ours, uint8", root, args.batch, dump=str(Path(tmp) / "stock.npy"))
-            run_arm("ours (uint8 + pillow-simd)", root, args.batch, dump=str(Path(tmp) / "simd.npy"))
+            run_arm("ours (all three)", root, args.batch, dump=str(Path(tmp) / "simd.npy"))
             a, b = (np.load(Path(tmp) / f).astype(np.int16) for f in ("stock.npy", "simd.npy"))
             d = np.abs(a - b)
-            same = (f"{d.mean():.4f} grey levels on average (max {d.max()}; {100 * (d > 0).mean():.2f}% of "
+            same = (f"{d.mean():.3f} grey levels on average (max {d.max()}; {100 * (d > 0).mean():.2f}% of "
                     f"values differ), mean pixel {a.mean():.2f} (stock) vs {b.mean():.2f} (pillow-simd), "
                     f"{len(a)} images")
     base = statistics.median(rates["timm stock"]) if "timm stock" in rates else None
@@ -150,7 +153,7 @@ def main() -> None:
           f"{statistics.fmean(sizes) / 1e3:.0f} KB), DeiT augmentation; {os.cpu_count()} cores, rounds alternating\n")
     print(table(["pipeline", "Pillow", "images/s per round", "median", "vs timm stock"], rows))
     if same:
-        print(f"\npillow-simd against stock Pillow on the same crops and ops: {same}")
+        print(f"\nAll three speed-ups against none (uint8 both) on the same crops and ops: {same}")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class AugConfig:
     re_count: int = at_least(1, 1)
     interpolation: str = MISSING
     crop_pct: Optional[float] = between(0.01, 1.0, None)
+    affine: Optional[str] = one_of(None, "pil", "opencv", default=None)  # RandAugment's warps; null: pil
 
 
 @dataclass

@@ -179,3 +179,44 @@ def test_imagenet_randaugment_survives_its_largest_magnitude():
     tf = build_transform(cfg, resolved, channels_in=3, training=True)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), np.uint8))
     assert all(tf(image).shape == (3, 32, 32) for _ in range(100))  # P(no posterize in 100) < 1e-8
+
+
+def test_opencv_warps_are_pillows_geometry_and_draws():
+    """data.aug.affine=opencv: an integer shift is Pillow's exactly (fill colour included); rotations
+    and shears are within a grey level of Pillow's on average; and in a whole RandAugment pipeline
+    timm's draws are unchanged: images with no geometric op drawn are identical."""
+    from timm.data import auto_augment as aa
+    from shd_vision.data.affine import OPS
+
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(np.cumsum(rng.integers(0, 3, (64, 64, 3)), 0), 1)
+    img = Image.fromarray((255 * smooth / smooth.max()).astype(np.uint8))
+    fill = (124, 116, 104)
+    for resample in (Image.BILINEAR, Image.BICUBIC):
+        ours = np.asarray(OPS["TranslateX"](img, 5, fillcolor=fill, resample=resample))
+        assert np.array_equal(ours, np.asarray(aa.translate_x_abs(img, 5, fillcolor=fill, resample=resample)))
+        assert (ours[:, -5:] == fill).all()
+        for name, fn, level in (("Rotate", aa.rotate, 17.0), ("ShearX", aa.shear_x, 0.2), ("ShearY", aa.shear_y, -0.3)):
+            a = np.asarray(fn(img, level, fillcolor=fill, resample=resample)).astype(int)
+            b = np.asarray(OPS[name](img, level, fillcolor=fill, resample=resample)).astype(int)
+            assert np.abs(a - b)[4:-4, 4:-4].mean() < 1.0, (name, resample)
+    cfg = OmegaConf.merge(OmegaConf.load("conf/data/imagefolder.yaml"), OmegaConf.load("conf/data/imagenet.yaml"))
+    cfg.aug.re_prob, cfg.aug.auto_augment, cfg.normalize_on_device = 0.0, "rand-n1-m9-mstd0.5-inc1", False
+    resolved = {"input_size": (3, 64, 64), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic",
+                "crop_pct": 1.0}
+    cfg.aug.affine = "pil"
+    pil = build_transform(cfg, resolved, channels_in=3, training=True)
+    cfg.aug.affine = "opencv"
+    cv = build_transform(cfg, resolved, channels_in=3, training=True)
+    same = close = 0
+    for seed in range(60):
+        out = []
+        for tf in (pil, cv):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            out.append(tf(img))
+        diff = (out[0] - out[1]).abs()
+        same += bool(diff.max() == 0)
+        close += bool(diff.mean() < 0.02)  # normalised by std 0.5: 0.02 is 1.3 grey levels
+    assert close == 60 and 30 <= same < 60  # P(an op is a warp, p=0.5) = 1/6 per image

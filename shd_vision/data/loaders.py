@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, Subset
 from torchvision import transforms as T
 
-from shd_vision.data import datasets
+from shd_vision.data import affine, datasets
 from shd_vision.errors import UserError
 
 log = logging.getLogger("shd_vision.data")
@@ -123,7 +123,8 @@ def resolve_input(cfg: DictConfig, model: nn.Module) -> Dict[str, Any]:
 def build_transform(cfg: DictConfig, data_cfg: Dict[str, Any], channels_in: int, training: bool):
     """timm's train or eval transform, after turning the images into the model's channel count.
     With ``data.normalize_on_device`` the train transform ends in uint8 tensors (timm's prefetcher
-    form) and :class:`BatchFinish` normalises and erases them."""
+    form) and :class:`BatchFinish` normalises and erases them; ``data.aug.affine=opencv`` warps
+    RandAugment's geometric ops with OpenCV (:mod:`shd_vision.data.affine`)."""
     c = data_cfg["input_size"][0]
     common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
                   interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"])
@@ -134,6 +135,8 @@ def build_transform(cfg: DictConfig, data_cfg: Dict[str, Any], channels_in: int,
                               auto_augment=aug.auto_augment, re_prob=aug.re_prob,
                               re_mode=aug.re_mode, re_count=aug.re_count,
                               use_prefetcher=bool(cfg.get("normalize_on_device")), **common)
+        if aug.get("affine") == "opencv":
+            affine.use_opencv(tf)
     else:
         tf = create_transform(is_training=False, **common)
     if channels_in != c:

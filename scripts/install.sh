@@ -43,7 +43,7 @@ if [ "${stamp% extras=*}" != "$want" ] || { [ -n "$extras" ] && [ "${stamp##* ex
       echo "install.sh: building pillow-simd (once, about two minutes)"
       pip install --target .venv/pillow-stock --no-deps --upgrade "pillow==$stock"
       pip uninstall -y pillow
-      CC="cc -mavx2" pip install --no-deps "pillow-simd==12.1.1.post0"
+      CC="cc -mavx2" pip install --no-deps --force-reinstall "pillow-simd==12.1.1.post0"
       is_simd || { echo "install.sh: pillow-simd did not build; keeping stock Pillow $stock" >&2; pip install "pillow==$stock"; }
     else
       echo "install.sh: no AVX2, C compiler or libjpeg/zlib headers (Debian: libjpeg-dev zlib1g-dev): keeping stock Pillow $stock"

@@ -240,6 +240,23 @@ class EvalConfig(TaskConfig):
 
 
 @dataclass
+class PackOptions:
+    """How ``python -m shd_vision.data.pack`` writes a data set as WebDataset shards."""
+
+    out: Optional[str] = None  # required: the directory the shards go to
+    size: int = at_least(32, 256)  # the stored images' largest shorter side
+    quality: int = between(1, 100, 90)  # JPEG quality of a resized image
+    shard_images: int = greater_than(0, 1024)
+
+
+@dataclass
+class PackConfig(TrainConfig):
+    """A train config (whose ``data`` is read) plus where and how its shards are written."""
+
+    pack: PackOptions = field(default_factory=PackOptions)
+
+
+@dataclass
 class QuickstartPlan:
     teacher: List[str] = MISSING  # train.py overrides of the teacher run
     students: List[str] = MISSING  # train.py overrides shared by the student runs
@@ -284,7 +301,7 @@ def register_schemas() -> None:
     them first: ``- schema: train``)."""
     cs = ConfigStore.instance()
     for name, node in (("train", TrainConfig), ("eval", EvalConfig), ("quickstart", QuickstartConfig),
-                       ("cache", CacheConfig), ("viz", VizConfig), ("report", ReportConfig)):
+                       ("cache", CacheConfig), ("pack", PackConfig), ("viz", VizConfig), ("report", ReportConfig)):
         cs.store(group="schema", name=name, node=node, package="_global_")
 
 

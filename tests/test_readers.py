@@ -438,14 +438,15 @@ def first_batch(cfg):
 
 
 def test_uint8_images_normalised_on_the_device_are_timms_stock_pipeline(written):
-    """data.normalize_on_device=false is timm's create_transform, pixel for pixel (RandAugment m9,
+    """Speed-ups off (data.normalize_on_device=false, data.aug.affine=pil) is timm's create_transform,
+    pixel for pixel (RandAugment m9,
     bicubic crops); true ships the same crops and ops as uint8, normalised in BatchFinish to the
     same floats, with random erasing drawn per batch: replayable, and the global RNGs untouched."""
     import random as pyrandom
 
     from timm.data import create_transform
 
-    aug = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.0, "color_jitter": None}
+    aug = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.0, "color_jitter": None, "affine": "pil"}
     off = reader_cfg(written, "folder", batch_size=8, num_workers=0, normalize_on_device=False, aug=aug)
     data, data_cfg, items, floats, labels = first_batch(off)
     assert floats.dtype == torch.float32
@@ -475,3 +476,48 @@ def test_uint8_images_normalised_on_the_device_are_timms_stock_pipeline(written)
     zeros = (erased == 0).all(1).flatten(1).sum(1)
     assert (zeros >= 0.02 * 16 * 16).all() and (zeros <= 16 * 16 / 3 + 16).all()
     assert ((erased != 0) == (finished != 0)).flatten(1).float().mean(1).lt(1).all()
+
+
+def test_pack_writes_shuffled_resized_shards_that_the_stream_reader_trains_on(written, tmp_path):
+    """python -m shd_vision.data.pack: every image once, with its label, its shorter side at
+    pack.size (antialiased, re-encoded), shuffled over equal shards; timm's stream reader reads them
+    and a run trains on them; a second pack into the same directory is refused, the shards kept."""
+    out = tmp_path / "packed"
+    args = ["data=imagefolder", f"data.root={written / 'folder'}", "data.val_split=validation", "data.num_workers=2",
+            f"pack.out={out}", "pack.size=12", "pack.shard_images=16"]
+    packed = run_cli("-m shd_vision.data.pack", *args)
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    info = json.loads((out / "_info.json").read_text())
+    assert info["classes"] == CLASSES
+    train = info["splits"]["train"]
+    assert train["num_samples"] == 64 and train["shard_lengths"] == [16] * 4
+    folder = datasets.image_folder(str(written / "folder"), "train")
+    seen, labels_in_first_shard = [], set()
+    for s, name in enumerate(train["filenames"]):
+        with tarfile.open(out / name) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for key in sorted(k[:-4] for k in members if k.endswith(".jpg")):
+            i = int(key)
+            image, label = folder[i]
+            assert int(members[f"{key}.cls"]) == label
+            labels_in_first_shard |= {label} if s == 0 else set()
+            stored = Image.open(io.BytesIO(members[f"{key}.jpg"]))
+            assert stored.format == "JPEG" and stored.size == (12, 12)
+            expected = np.asarray(image.resize((12, 12), Image.BICUBIC), dtype=float)
+            assert np.abs(np.asarray(stored.convert("RGB"), dtype=float) - expected).mean() < 6  # JPEG's loss
+            seen.append(i)
+    assert sorted(seen) == list(range(64)) and seen != sorted(seen) and len(labels_in_first_shard) > 3
+    stream = reader_cfg(written, "wds", batch_size=8, num_workers=2, root=str(out), val_split="validation")
+    _, val, classes = open_splits(stream)
+    assert classes == CLASSES and len(val) == 32
+    trained = run_cli("train.py", *debug_args(tmp_path, "data=wds", "data.name=wds/packed", f"data.root={out}",
+                                              "data.val_split=validation", "data.batch_size=8", "data.num_workers=2",
+                                              "data.train_size=null", "data.val_size=null", "model=vit_fmnist_student",
+                                              "kd=none", "data.img_size=12", "model.img_size=12", "model.patch_size=4",
+                                              "trainer.max_steps=4", "trainer.eval_teacher=false"))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    again = run_cli("-m shd_vision.data.pack", *args)
+    assert again.returncode == 2 and "holds packed shards already" in " ".join(again.stderr.split())
+    assert "Traceback" not in again.stderr
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before

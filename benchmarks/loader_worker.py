@@ -10,6 +10,8 @@ Each arm is a subprocess with one DataLoader worker, batch 64, alternating over 
   ours, OpenCV warps  data.aug.affine=opencv (RandAugment's rotate/shear/translate), stock Pillow
   ours, pillow-simd   speed-ups off, pillow-simd
   ours (all three)    the default for image folders where install.sh built pillow-simd
+  ..., packed 256     the same on the folder packed by python -m shd_vision.data.pack (shorter side 256),
+                      read as WebDataset shards: other source images (see pack.py), so not the same law
 Stock Pillow comes from .venv/pillow-stock (install.sh puts it there when it installs pillow-simd).
 Then the augmented uint8 images of "ours, uint8" and "ours (all three)" on the same crops and ops
 (same seeds): their mean absolute difference per pixel, in grey levels.
@@ -42,6 +44,7 @@ ARMS = {  # name: (pillow, loader, data.normalize_on_device, data.aug.affine)
     "ours, OpenCV warps": ("stock", "ours", False, "opencv"),
     "ours, pillow-simd": ("simd", "ours", False, "pil"),
     "ours (all three)": ("simd", "ours", True, "opencv"),
+    "ours (all three), packed 256": ("simd", "packed", True, "opencv"),
 }
 
 
@@ -54,11 +57,12 @@ def timm_loader(root: str, batch: int):
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=1, drop_last=True)
 
 
-def our_loader(root: str, batch: int, on_device: bool, affine: str):
+def our_loader(root: str, batch: int, on_device: bool, affine: str, packed: bool = False):
     from shd_vision.config import compose_train
     from shd_vision.data.loaders import build_data, open_splits
 
-    cfg = compose_train(["data=imagenet", f"data.root={root}", "data.num_classes=10", "data.repeated_aug=0",
+    stream = ["data=wds", "data.name=wds/bench", "data.val_split=val", "data.train_size=null"] if packed else []
+    cfg = compose_train(["data=imagenet", *stream, f"data.root={root}", "data.num_classes=10", "data.repeated_aug=0",
                          f"data.batch_size={batch}", "data.num_workers=1", f"data.normalize_on_device={on_device}",
                          f"data.aug.affine={affine}", "data.pin_memory=false"])
     data_cfg = {"input_size": (3, 224, 224), "mean": AUG["mean"], "std": AUG["std"], "interpolation": "bicubic",
@@ -73,7 +77,7 @@ def arm(args) -> None:
     import PIL
 
     loader = timm_loader(args.root, args.batch) if args.loader == "timm" else our_loader(
-        args.root, args.batch, args.on_device == "true", args.affine)
+        args.root, args.batch, args.on_device == "true", args.affine, packed=args.loader == "packed")
     it = iter(loader)
     first = next(it)[0]  # the worker's start-up and its prefetched batches are not timed
     for _ in range(2):
@@ -92,6 +96,7 @@ def run_arm(name: str, root: Path, batch: int, dump: str = "") -> dict:
     env = dict(os.environ)
     if pillow == "stock":
         env["PYTHONPATH"] = os.pathsep.join([str(STOCK), env.get("PYTHONPATH", "")])
+    root = root.parent / "packed" if loader == "packed" else root
     cmd = [sys.executable, __file__, "--arm", "--root", str(root), "--batch", str(batch), "--loader", loader,
            "--on-device", str(on_device).lower(), "--affine", str(affine), "--dump", dump]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE.parent)
@@ -130,6 +135,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = jpeg_folder(Path(tmp) / "folder", args.images)
         sizes = [p.stat().st_size for p in (root / "train").rglob("*.jpg")]
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "shd_vision.data.pack", "data=imagefolder", f"data.root={root}",
+                        f"pack.out={root.parent / 'packed'}", "pack.size=256", f"pack.shard_images={args.images // 8}",
+                        "data.num_workers=1"], cwd=HERE.parent, check=True, capture_output=True)
+        pack_rate = (args.images + 10) / (time.perf_counter() - t)
+        packed_kb = sum(p.stat().st_size for p in (root.parent / "packed").glob("train-*.tar")) / args.images / 1e3
         rates = {a: [] for a in arms}
         for _ in range(args.rounds):
             for a in arms:
@@ -152,6 +163,8 @@ def main() -> None:
     print(f"\nOne loader worker, batch {args.batch}, {args.images} photograph-like JPEGs (mean "
           f"{statistics.fmean(sizes) / 1e3:.0f} KB), DeiT augmentation; {os.cpu_count()} cores, rounds alternating\n")
     print(table(["pipeline", "Pillow", "images/s per round", "median", "vs timm stock"], rows))
+    print(f"\nPacking (one process, start-up included): {pack_rate:.0f} images/s; {packed_kb:.0f} KB per packed "
+          "image (tar headers included)")
     if same:
         print(f"\nAll three speed-ups against none (uint8 both) on the same crops and ops: {same}")
 

@@ -50,6 +50,7 @@ def bad_input_cases(tmp, teacher_ckpt):
         "resume missing": ([f"trainer.resume={tmp}/nope.pt"], "trainer.resume=" + f"{tmp}/nope.pt does not exist"),
         "resume corrupt": ([f"trainer.resume={tmp}/garbage.pt"], "garbage.pt could not be read as a checkpoint"),
         "resume other run": ([f"trainer.resume={teacher_ckpt}"], "belongs to a run defined differently from this one"),
+        "affine": (["data.aug.affine=cv2"], "data.aug.affine=cv2 is not a valid choice; use one of: None, pil, opencv"),
     }
 
 
@@ -57,7 +58,7 @@ NAMES = ["unknown model", "unknown config", "data.root missing", "data.root malf
          "teacher missing", "teacher corrupt", "teacher classes", "lr", "lr type", "epochs", "temperature",
          "cuda", "unwritable", "unknown term", "unknown term key", "unknown study row", "batch size",
          "negative weight", "no positive weight", "head count", "layer pair", "layer mapping", "merge",
-         "shd on a cnn", "deit without token", "adkd view", "resume missing", "resume corrupt", "resume other run"]
+         "shd on a cnn", "deit without token", "adkd view", "resume missing", "resume corrupt", "resume other run", "affine"]
 
 
 @pytest.fixture(scope="module")

@@ -521,3 +521,5 @@ def test_pack_writes_shuffled_resized_shards_that_the_stream_reader_trains_on(wr
     assert again.returncode == 2 and "holds packed shards already" in " ".join(again.stderr.split())
     assert "Traceback" not in again.stderr
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
+    bad = run_cli("-m shd_vision.data.pack", *args[:-3], f"pack.out={tmp_path}/other", "pack.quality=0")
+    assert bad.returncode == 2 and "pack.quality=0 is out of range" in bad.stderr and "Traceback" not in bad.stderr

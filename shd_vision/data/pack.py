@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from shd_vision import cli
+from shd_vision.config import check_config
 from shd_vision.data.datasets import UNREADABLE, TimmImages, UnreadableImage, unreadable_message
 from shd_vision.data.loaders import open_split
 from shd_vision.engine.logbook import format_duration, run_logging
@@ -115,10 +116,12 @@ def pack_split(dataset: TimmImages, split: str, out: Path, size: int, quality: i
 
 
 def pack(cfg: DictConfig) -> int:
+    check_config(cfg)
     p, data = cfg.pack, cfg.data
-    if data.name.startswith("wds/"):
-        raise UserError(f"data.name={data.name}: these are shards already; pack reads image folders, tar "
-                        "archives of them and Hugging Face datasets (data=imagefolder or data=hfds).")
+    if not (data.name == "imagefolder" or data.name.startswith("hfds/")):
+        raise UserError(f"data.name={data.name}: pack reads image files, from image folders, tar archives of "
+                        "them and Hugging Face datasets (data=imagefolder or data=hfds); WebDataset shards are "
+                        "packed already and the built-in sets are arrays of small images.")
     if not p.out:
         raise UserError("pack.out is not set; give the directory the shards go to (it must not hold shards yet).")
     out = Path(p.out)

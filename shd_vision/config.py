@@ -244,7 +244,7 @@ class PackOptions:
     """How ``python -m shd_vision.data.pack`` writes a data set as WebDataset shards."""
 
     out: Optional[str] = None  # required: the directory the shards go to
-    size: int = at_least(32, 256)  # the stored images' largest shorter side
+    size: int = greater_than(0, 256)  # the stored images' largest shorter side
     quality: int = between(1, 100, 90)  # JPEG quality of a resized image
     shard_images: int = greater_than(0, 1024)
 

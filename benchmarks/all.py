@@ -2,7 +2,7 @@
 
 For each preset: every method's cost relative to logit KD (method_cost.py), AMP /
 channels_last / torch.compile (speedups.py) and loader against step throughput (loader.py);
-then SHD's growth with tokens and heads (shd_scaling.py) and the teacher cache against CE and a
+with a DeiT preset, one loader worker against timm's stock pipeline (loader_worker.py); then SHD's growth with tokens and heads (shd_scaling.py) and the teacher cache against CE and a
 live teacher (cache.py). The DeiT presets are meant for a GPU.
 
     python benchmarks/all.py --out benchmarks/results/cpu.md                 # tiny pair (CPU default)
@@ -49,6 +49,8 @@ def main() -> None:
         parts.append(section(f"{preset}: AMP, channels_last, torch.compile", "speedups.py", "--preset", preset))
         parts.append(section(f"{preset}: loader against step", "loader.py", "--preset", preset,
                              "--workers", *args.workers))
+    if any(p != "tiny" for p in args.presets):
+        parts.append(section("One loader worker: timm's stock pipeline against ours", "loader_worker.py"))
     parts.append(section("SHD against tokens N and heads H", "shd_scaling.py"))
     parts.append(section("The teacher cache end to end (embedded default)", "cache.py"))
     document = "\n".join(parts)

@@ -67,15 +67,18 @@ tune() {  # sweep name, swept keys (k1,k2), their grid ("k1=a,b k2=c,d"), the ke
   # The grid on held-out images; while a chosen value of an extendable key lies at an end of the
   # values tried, the points one step past it (x3 above, /3 below: report.py's extend.txt) run
   # too, up to STUDY_EXTEND rounds (default 3). Prints the best trial's overrides.
-  local name=$1 keys=$2 grid=$3 extend=$4 dir=$root/$sweeps/$1 r=0 i more edges; shift 4
+  local name=$1 keys=$2 grid=$3 extend=$4 dir=$root/$sweeps/$1 r=0 i d more edges; shift 4
   run $sweep $grid "$@" run_name=$sweeps/$name/r0 >&2
+  for d in $dir/r*-*; do  # a resumed sweep counts the rounds it already ran, and names new ones after them
+    [ -d "$d" ] || continue; d=${d##*/r}; d=${d%%-*}; [ "$d" -le $r ] || r=$d
+  done
   while $py -m shd_vision.report dir=$dir "by=[$keys]" "extend=[$extend]" >/dev/null 2>&1 && [ -s $dir/extend.txt ] \
       && [ $r -lt "${STUDY_EXTEND:-3}" ]; do
     r=$((r + 1)); i=0
     while read -r -u 3 more; do run $sweep $more "$@" run_name=$sweeps/$name/r$r-$i >&2; i=$((i + 1)); done 3< $dir/extend.txt
   done
   edges=$(grep -o "EDGE: .*" $dir/results.md || true)
-  echo "sweep $name, $r extension(s) (cap STUDY_EXTEND=${STUDY_EXTEND:-3}): ${edges:-every chosen value is interior}" \
+  echo "sweep $name, $r extension round(s) (cap STUDY_EXTEND=${STUDY_EXTEND:-3}): ${edges:-every chosen value is interior}" \
     | tee -a $root/$sweeps/edges.txt >&2
   cat $dir/best_overrides.txt
 }

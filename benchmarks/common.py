@@ -31,20 +31,23 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 def build_step(preset: str, kd: List[str], device: torch.device, batch: int, precision: str = "32",
                channels_last: bool = False, compile_models: bool = False, model_overrides: Sequence[str] = (),
-               tf32: bool = True):
+               tf32: bool = True, keep_freed: bool = True):
     """A full training step (teacher forward, student forward and backward, AdamW update) of
     ``preset`` with the kd overrides, on a fixed random batch. Returns ``(step, teacher_forward)``,
     the second None when the method uses no teacher. ``tf32``: float32 matmuls on TF32 tensor
-    cores (CUDA), as ``trainer.tf32`` does."""
+    cores (CUDA), as ``trainer.tf32`` does; ``keep_freed``: glibc keeps freed memory, as
+    ``runtime.setup`` makes it for train.py (False: glibc's defaults, for comparison)."""
     from shd_vision.cache import dense_logits, sparse_logits
     from shd_vision.config import compose_train
     from shd_vision.distill import Batch, Distiller
     from shd_vision.distill.base import active_terms, uses_teacher
-    from shd_vision.engine.runtime import Runtime, autocast
+    from shd_vision.engine.runtime import Runtime, autocast, keep_freed_memory
     from shd_vision.models.factory import build, input_size
     from shd_vision.models.taps import Outputs, Recorded
     from shd_vision.models.teacher import Teacher
 
+    if keep_freed:
+        keep_freed_memory()
     p = PRESETS[preset]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     cached = CACHED in kd

@@ -44,7 +44,8 @@ METHODS = {
 
 def worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
-    step, teacher_forward = build_step(args.preset, METHODS[args.method], device, args.batch, args.precision)
+    step, teacher_forward = build_step(args.preset, METHODS[args.method], device, args.batch, args.precision,
+                                       keep_freed=not args.glibc_defaults)
     seconds = time_it(step, device, args.steps, args.warmup)
     reset_peak(device)
     step()
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's malloc returning freed memory to the kernel (train.py keeps it)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -72,7 +75,8 @@ def main() -> None:
     if "logit" not in args.methods:
         args.methods.insert(0, "logit")
     common = ["--preset", args.preset, "--device", args.device, "--batch", str(args.batch), "--precision",
-              args.precision, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+              args.precision, "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
+             (["--glibc-defaults"] if args.glibc_defaults else [])
     runs = {m: [] for m in args.methods}
     for r in range(args.rounds):
         for m in args.methods:
@@ -97,7 +101,8 @@ def main() -> None:
                      f"{args.batch / v['step_s']:.0f}", f"{v['peak_mb']:.0f}", f"{v['peak_mb'] / base['peak_mb']:.2f}",
                      f"{100 * v['teacher_s'] / v['step_s']:.0f}%" if v["teacher_s"] else "-"])
     print(f"\n{args.preset} preset, batch {args.batch}, precision {args.precision}, {machine(torch.device(args.device))}; "
-          f"median of {args.rounds} rounds x {args.steps} steps\n")
+          f"median of {args.rounds} rounds x {args.steps} steps" + (", glibc's malloc defaults" if args.glibc_defaults
+                                                                    else "") + "\n")
     print(table(["method", "overrides", "ms/step", "x logit", "images/s", "peak MB", "x logit",
                  "teacher share"], rows))
     if "none (CE)" in med and "error" not in med.get("logit from cache", {"error": 1}):

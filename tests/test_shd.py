@@ -254,6 +254,21 @@ def test_factored_squeeze_equals_the_public_function_on_full_circuits():
     torch.testing.assert_close(target, torch.einsum("bgh,bhqk->bgqk", full, rec.scores().softmax(-1)))
 
 
+@pytest.mark.parametrize("tau", [0.5, 1.0, 3.0])
+def test_softened_targets_are_the_softmax_of_the_scores_over_tau(tau):
+    """squeezed_targets softens the maps as p^(1/τ) / Σ p^(1/τ); the definition is
+    Σ_h W[g, h] softmax(Z_h / τ) on the raw scores."""
+    teacher = timm.create_model("deit_small_patch16_224", img_size=32, num_classes=5).double().eval()
+    tap = Tap(teacher, Capture(attention=frozenset({2})), "teacher")
+    with tap.recording_on(), torch.no_grad():
+        teacher(torch.randn(2, 3, 32, 32, dtype=F64) * 3)
+    rec = tap.pop().attention[2]
+    layout = token_layout(teacher)
+    target, w = squeezed_targets(rec, 2, "group", tau, layout, layout)
+    expected = torch.einsum("bgh,bhqk->bgqk", w, (rec.scores() / tau).softmax(-1))
+    torch.testing.assert_close(target, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_a_cnn_teacher_is_a_one_paragraph_error():
     teacher = timm.create_model("resnet10t", num_classes=5)
     with pytest.raises(UserError, match="no ViT-style global attention"):

@@ -85,9 +85,11 @@ class AttentionRecord:
     def maps(self) -> Tensor:
         """Attention maps (softmax of the scores), ``[B, H, N, N]``: computed again, since the fused
         attention kernel of the forward never materialises them, and recording them from timm's
-        unfused path cost more on CPUs (docs/performance.md). The softmax runs in float32 at least."""
+        unfused path cost more on CPUs (docs/performance.md). The softmax runs in float32 at least
+        (its ``dtype`` argument only where it casts: the CPU kernel with it is ~3x slower)."""
         scores = self.scores()
-        return scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        dtype = torch.promote_types(scores.dtype, torch.float32)
+        return scores.softmax(-1) if dtype == scores.dtype else scores.softmax(-1, dtype=dtype)
 
     def circuits(self) -> Tensor:
         """Per-head circuits ``X_h = V_h W_O,hᵀ``, ``[B, H, N, D]`` (methods.md §4)."""

@@ -22,7 +22,7 @@ from torch import Tensor
 from shd_vision.data.loaders import build_val_loader, open_split, resolve_input
 from shd_vision.distill.base import term_config
 from shd_vision.distill.mapping import align_maps, resolve_pairs, select_tokens
-from shd_vision.distill.shd import squeezed_targets
+from shd_vision.distill.shd import soften, squeezed_targets
 from shd_vision.engine.checkpoint import load
 from shd_vision.errors import UserError
 from shd_vision.models.factory import build, create_teacher
@@ -78,7 +78,7 @@ def collect(student, teacher: Teacher, images: Tensor, pairs: List[Tuple[int, in
         hs = vit_blocks(student, "student")[s].attn.num_heads
         squeezed, w = squeezed_targets(t_rec[t], hs, merge, temperature, t_layout, s_layout)
         t_maps = t_rec[t].maps().float()
-        t_soft = torch.nn.functional.normalize(t_maps.pow(1 / temperature), p=1, dim=-1)
+        t_soft = soften(t_maps, temperature)
         student_maps = (select_tokens(s_rec[s].scores().float(), s_layout, t_layout, (-2, -1)) / temperature).softmax(-1)
         out.append(LayerMaps(s, t, align_maps(t_soft, t_layout, s_layout), squeezed, student_maps, w, t_maps))
     return out

@@ -4,7 +4,7 @@
 #   2. sweeps on held-out training images (data.holdout, one seed, 4 trials per method): the logit
 #      temperature T on logit KD, then SHD's τ and weight on SHD + KD, MiniLMv2's relation heads and
 #      weight on MiniLMv2 + KD (both with the chosen T); never on the images the table reports; a
-#      chosen weight or temperature at the edge of its grid extends the grid (tune() below);
+#      chosen value at the edge of its grid extends the grid (tune() below);
 #   3. every study row (conf/study/) x 3 seeds with the chosen values, validated on the test images
 #      (the comparison SHD must win first: CE, logit KD, MiniLMv2, SHD + KD; then the other
 #      baselines; then SHD's ablations);
@@ -66,7 +66,7 @@ caches() {  # name, seeds, plan overrides: with STUDY_CACHE, one cache per seed,
 tune() {  # sweep name, swept keys (k1,k2), their grid ("k1=a,b k2=c,d"), the keys it may extend, fixed overrides...
   # The grid on held-out images; while a chosen value of an extendable key lies at an end of the
   # values tried, the points one step past it (x3 above, /3 below: report.py's extend.txt) run
-  # too, up to STUDY_EXTEND rounds (default 3). Prints the best trial's overrides.
+  # too (key:2: x2 and /2), up to STUDY_EXTEND rounds (default 3). Prints the best trial's overrides.
   local name=$1 keys=$2 grid=$3 extend=$4 dir=$root/$sweeps/$1 r=0 i d more edges; shift 4
   run $sweep $grid "$@" run_name=$sweeps/$name/r0 >&2
   for d in $dir/r*-*; do  # a resumed sweep counts the rounds it already ran, and names new ones after them
@@ -87,7 +87,8 @@ seeds=seed=0,1,2  # seed-major: a study cut short has as many seeds in every row
 SHD_GRID=("kd.terms.shd.temperature,kd.terms.shd.weight" "kd.terms.shd.temperature=1,2 kd.terms.shd.weight=1,3"
           "kd.terms.shd.temperature,kd.terms.shd.weight")
 MINILM_GRID=("kd.terms.minilm.relation_heads,kd.terms.minilm.weight"
-             "kd.terms.minilm.relation_heads=4,12 kd.terms.minilm.weight=1,3" kd.terms.minilm.weight)
+             "kd.terms.minilm.relation_heads=4,12 kd.terms.minilm.weight=1,3"
+             "kd.terms.minilm.relation_heads:2,kd.terms.minilm.weight")  # a count that must divide the widths
 if [ $study = ratio ]; then
   for heads in 3 2 1; do  # a finished ratio is reported before the next starts
     H=model.num_heads=$heads sweeps=ratio/sweep/h$heads rows=ratio/study/h$heads

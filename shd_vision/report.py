@@ -12,7 +12,8 @@ too), ``curves.png`` (validation top-1 per epoch, mean over seeds, a band of ± 
 ``x=KEY`` adds ``trend.png``, top-1 against that key, one line per value of the others. A
 best value at the smallest or largest value a numeric key tried is flagged (results.md and
 stderr), and ``extend=[keys]`` writes ``extend.txt``: the sweeps that take those keys' grids one
-step past such an edge (``scripts/study.sh`` runs them until every chosen value is interior).
+step past such an edge, x3 or /3 (``key:2``: x2 or /2), which ``scripts/study.sh`` runs until
+every chosen value is interior.
 """
 
 from __future__ import annotations
@@ -250,16 +251,30 @@ def _beyond(value: float, side: str, factor: float) -> Any:
     return int(new) if isinstance(value, int) and float(new).is_integer() else float(f"{new:.4g}")
 
 
-def extension(keys: List[str], rows: List[Dict[str, Any]], extendable: List[str],
-              factor: float = 3.0) -> List[str]:
+def _step(item: str) -> Tuple[str, float]:
+    """``key`` or ``key:factor`` of ``extend=[...]`` as (key, factor), 3 by default."""
+    key, _, text = item.partition(":")
+    try:
+        factor = float(text or 3)
+    except ValueError:
+        factor = 0.0
+    if not 1 < factor < math.inf:
+        raise UserError(f"extend=[{item}]: the step factor after ':' is '{text}'; give a number above 1 "
+                        "(e.g. kd.terms.minilm.relation_heads:2), or the key alone to step x3 and /3.")
+    return key, factor
+
+
+def extension(keys: List[str], rows: List[Dict[str, Any]], extendable: List[str]) -> List[str]:
     """The sweeps that extend a grid past its edge optima, as Hydra override lines, one product
-    grid each: every edge key in ``extendable`` gains one value beyond its edge, and the lines
-    cover exactly the points of the extended grid that were not run (the union, over the
+    grid each: every edge key in ``extendable`` (``key`` or ``key:factor``) gains one value beyond
+    its edge, ``x`` or ``/`` the factor (3 by default; 2 suits a count such as relation heads), and
+    the lines cover exactly the points of the extended grid that were not run (the union, over the
     extended keys, of new values of that key x extended values of the keys before it x the old
     values of the keys after it). Empty when every chosen value of ``extendable`` is interior."""
     edges = edge_optima(keys, rows)
+    factors = dict(_step(item) for item in extendable)
     old = {k: _ordered({r[k] for r in rows}) for k in keys}
-    new = {k: [_beyond(edges[k][0], edges[k][1], factor)] for k in keys if k in edges and k in extendable}
+    new = {k: [_beyond(edges[k][0], edges[k][1], factors[k])] for k in keys if k in edges and k in factors}
     lines = []
     for i, key in enumerate(keys):
         if key not in new:
@@ -374,7 +389,7 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
     if references:
         notes.append("vs: this row's top-1 minus the reference row's, paired by seed, mean and t-based 95% "
                      "confidence interval")
-    edges = edge_optima(keys, rows)
+    edges, extend = edge_optima(keys, rows), extension(keys, rows, list(cfg.extend))
     flags = [f"REPEATED SEEDS: row {row_label(keys, r)} holds seed(s) {', '.join(map(str, r['repeated_seeds']))} "
              "more than once: its runs differ in a key the rows are not told apart by; add it to by="
              for r in rows if r["repeated_seeds"]]
@@ -385,7 +400,7 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
         sys.stderr.write(f"report: {flag} ({root})\n")
     (out / "results.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     (out / "best_overrides.txt").write_text(best_overrides(keys, rows[0]) + "\n")
-    (out / "extend.txt").write_text("".join(line + "\n" for line in extension(keys, rows, list(cfg.extend))))
+    (out / "extend.txt").write_text("".join(line + "\n" for line in extend))
     write_csv(keys, rows, out / "results.csv")
     picture = curves(keys, rows, out / "curves.png", f"{root.name}: {len(runs)} runs")
     if cfg.x:

@@ -189,6 +189,18 @@ def test_extending_two_edge_keys_runs_every_new_point_once(tmp_path):
     assert (tmp_path / "runs/extend.txt").read_text() == f"{TAU}=1.0,2.0 {WEIGHT}=9\n"
 
 
+def test_a_count_steps_by_its_own_factor_and_a_bad_factor_is_refused_before_writing(tmp_path):
+    """extend=[key:2]: relation heads 4 at the low edge step to 2 (not 4/3), the weight by 3."""
+    grid = {(t, w): 80.0 + (w == 3) + (t == 4) for t in (4, 12) for w in (1, 3)}  # best: 4 heads, weight 3
+    keys, rows = summarise(find_runs(fake_sweep(tmp_path / "runs", grid)), by=[TAU, WEIGHT])
+    assert extension(keys, rows, [f"{TAU}:2", WEIGHT]) == [f"{TAU}=2 {WEIGHT}=1,3", f"{TAU}=4,12,2 {WEIGHT}=9"]
+    assert extension(keys, rows, [f"{TAU}:2.5"]) == [f"{TAU}=1.6 {WEIGHT}=1,3"]  # a non-integer step leaves ints
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path / 'runs'}", f"by=[{TAU},{WEIGHT}]", f"extend=[{TAU}:1]")
+    assert result.returncode == 2
+    assert f"extend=[{TAU}:1]: the step factor after ':' is '1'; give a number above 1" in result.stderr
+    assert not (tmp_path / "runs/results.md").exists() and not (tmp_path / "runs/extend.txt").exists()
+
+
 def test_rows_of_several_keys_pair_with_the_reference_at_their_own_value(tmp_path):
     """by=[model.num_heads,kd.name] paired=[minilm]: SHD at each head count against MiniLMv2 at it."""
     top1 = {(h, m, s): 70 + 5 * h + (2 if m == "shd" else 0) + s * (1 + h) for h in (1, 3) for m in ("minilm", "shd")

@@ -13,7 +13,8 @@
 # The head-ratio study (fashion_mnist_ratio): students of the same width and depth with 3, 2 and 1
 # heads under the 6-head teacher (ratios 2, 3, 6), each with its own sweeps (logit T; τ and
 # weight of SHD + KD with progressive, select and mean merging; MiniLMv2's relation heads and
-# weight) and the rows CE, logit KD, MiniLMv2 + KD and SHD + KD with each merge x 3 seeds; the
+# weight; from 2 heads on, starting one step either side of the previous ratio's choice) and the
+# rows CE, logit KD, MiniLMv2 + KD and SHD + KD with each merge x 3 seeds; the
 # report after each ratio pairs SHD + KD against MiniLMv2 + KD, select and mean at every ratio
 # and draws top-1 against the head count (trend.png).
 # Rerunning it continues an interrupted study: each run resumes from its last checkpoint and
@@ -89,15 +90,23 @@ SHD_GRID=("kd.terms.shd.temperature,kd.terms.shd.weight" "kd.terms.shd.temperatu
 MINILM_GRID=("kd.terms.minilm.relation_heads,kd.terms.minilm.weight"
              "kd.terms.minilm.relation_heads=4,12 kd.terms.minilm.weight=1,3"
              "kd.terms.minilm.relation_heads:2,kd.terms.minilm.weight")  # a count that must divide the widths
+around() {  # a choice "k=v ..." and the extendable keys -> the grid one step either side of it
+  $py -c 'import sys; from shd_vision.report import around; print(around(sys.argv[1], sys.argv[2].split(",")))' "$1" "$2"
+}
 if [ $study = ratio ]; then
+  # 3 heads start from the grids above; each later ratio's sweeps start one step either side of the
+  # previous ratio's choice (3 x 3 trials), then extend as ever
+  G_SHD=${SHD_GRID[1]} G_SELECT=${SHD_GRID[1]} G_MEAN=${SHD_GRID[1]} G_MINILM=${MINILM_GRID[1]}
   for heads in 3 2 1; do  # a finished ratio is reported before the next starts
     H=model.num_heads=$heads sweeps=ratio/sweep/h$heads rows=ratio/study/h$heads
     T=$(tune logit kd.terms.logit.temperature kd.terms.logit.temperature=1,2,4,8 kd.terms.logit.temperature \
       study=logit $H "$@")
-    SHD=$(tune shd "${SHD_GRID[@]}" study=shd_logit $H $T "$@")
-    SELECT=$(tune shd_select "${SHD_GRID[@]}" study=shd_logit_select $H $T "$@")
-    MEAN=$(tune shd_mean "${SHD_GRID[@]}" study=shd_logit_mean $H $T "$@")
-    MINILM=$(tune minilm "${MINILM_GRID[@]}" study=minilm $H $T "$@")
+    SHD=$(tune shd "${SHD_GRID[0]}" "$G_SHD" "${SHD_GRID[2]}" study=shd_logit $H $T "$@")
+    SELECT=$(tune shd_select "${SHD_GRID[0]}" "$G_SELECT" "${SHD_GRID[2]}" study=shd_logit_select $H $T "$@")
+    MEAN=$(tune shd_mean "${SHD_GRID[0]}" "$G_MEAN" "${SHD_GRID[2]}" study=shd_logit_mean $H $T "$@")
+    MINILM=$(tune minilm "${MINILM_GRID[0]}" "$G_MINILM" "${MINILM_GRID[2]}" study=minilm $H $T "$@")
+    G_SHD=$(around "$SHD" "${SHD_GRID[2]}") G_SELECT=$(around "$SELECT" "${SHD_GRID[2]}")
+    G_MEAN=$(around "$MEAN" "${SHD_GRID[2]}") G_MINILM=$(around "$MINILM" "${MINILM_GRID[2]}")
     echo "$heads heads, chosen on held-out training images: $T | progressive $SHD | select $SELECT | mean $MEAN |" \
       "$MINILM" | tee $root/$sweeps/chosen.txt
     run $seeds $H study=ce,logit $T run_name=$rows/base "$@"

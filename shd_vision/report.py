@@ -285,6 +285,20 @@ def extension(keys: List[str], rows: List[Dict[str, Any]], extendable: List[str]
     return lines
 
 
+def around(choice: str, extendable: List[str]) -> str:
+    """The grid one step either side of a chosen point (``k=v ...``, as best_overrides.txt) for its
+    keys in ``extendable`` (``key`` or ``key:factor``, as ``extension``), the others as chosen: a
+    sweep of a neighbouring setting (the next head ratio) starts where the last one ended."""
+    factors, parts = dict(_step(item) for item in extendable), []
+    for item in choice.split():
+        key, _, text = item.partition("=")
+        value = int(text) if text.lstrip("-").isdigit() else float(text)
+        grid = [_beyond(value, "smallest", factors[key]), value, _beyond(value, "largest", factors[key])] \
+            if key in factors else [value]
+        parts.append(f"{key}={','.join(map(str, grid))}")
+    return " ".join(parts)
+
+
 def best_overrides(keys: List[str], row: Dict[str, Any]) -> str:
     """The row as Hydra overrides, ``key=value ...``."""
     return " ".join(f"{k}={row[k]}" for k in keys)

@@ -8,7 +8,7 @@ import yaml
 
 from conftest import run_cli
 from shd_vision.errors import UserError
-from shd_vision.report import edge_optima, extension, find_runs, summarise, swept_keys
+from shd_vision.report import around, edge_optima, extension, find_runs, summarise, swept_keys
 from wandb_records import history, records, run_record
 
 FAST = ["debug=fast", "data=synthetic", "data.train_size=64", "data.val_size=32", "data.batch_size=16",
@@ -199,6 +199,11 @@ def test_a_count_steps_by_its_own_factor_and_a_bad_factor_is_refused_before_writ
     assert result.returncode == 2
     assert f"extend=[{TAU}:1]: the step factor after ':' is '1'; give a number above 1" in result.stderr
     assert not (tmp_path / "runs/results.md").exists() and not (tmp_path / "runs/extend.txt").exists()
+
+
+def test_a_sweep_around_a_choice_takes_one_step_either_side_of_each_extendable_key():
+    assert around(f"{TAU}=2 {WEIGHT}=27", [TAU, WEIGHT]) == f"{TAU}=0.6667,2,6 {WEIGHT}=9,27,81"
+    assert around(f"{TAU}=0.5 {WEIGHT}=4", [f"{WEIGHT}:2"]) == f"{TAU}=0.5 {WEIGHT}=2,4,8"  # tau as chosen
 
 
 def test_rows_of_several_keys_pair_with_the_reference_at_their_own_value(tmp_path):

@@ -20,7 +20,8 @@
 # Rerunning it continues an interrupted study: each run resumes from its last checkpoint and
 # finished runs are skipped. STUDY_LOGS=DIR puts every run under DIR instead of logs/.
 # Records: every finished run's summary.json, config.yaml and metrics.jsonl are copied to
-# docs/results/runs/<study>/ (STUDY_RECORDS=DIR) as it lands, to be committed; on a fresh machine
+# docs/results/runs/<study>/ (STUDY_RECORDS=DIR) as it lands, to be committed (with each sweep's
+# extension plans); on a fresh machine
 # they are copied back first, and a finished record stands without its checkpoints (train.py
 # skips a run whose record defines the same run), so a study continues across machines.
 # STUDY_CACHE=K: the rows that read only the teacher's logits (the logit sweep, logit KD, DeiT
@@ -64,19 +65,25 @@ caches() {  # name, seeds, plan overrides: with STUDY_CACHE, one cache per seed,
   done
   echo "teacher.cache=$dir/seed\${seed}"
 }
+round() {  # tune's round r: every sweep line of its plan, one multirun each (tune's locals)
+  local i=0 more
+  while read -r -u 3 more; do run $sweep $more "$@" run_name=$sweeps/$name/r$r-$i >&2; i=$((i + 1)); done 3< $plans/r$r.txt
+}
 tune() {  # sweep name, swept keys (k1,k2), their grid ("k1=a,b k2=c,d"), the keys it may extend, fixed overrides...
   # The grid on held-out images; while a chosen value of an extendable key lies at an end of the
   # values tried, the points one step past it (x3 above, /3 below: report.py's extend.txt) run
-  # too (key:2: x2 and /2), up to STUDY_EXTEND rounds (default 3). Prints the best trial's overrides.
-  local name=$1 keys=$2 grid=$3 extend=$4 dir=$root/$sweeps/$1 r=0 i d more edges; shift 4
+  # too (key:2: x2 and /2), up to STUDY_EXTEND rounds (default 3). Each round's plan goes to the
+  # records first (rN.txt), so a resumed sweep finishes an interrupted round as it was planned
+  # before it plans the next. Prints the best trial's overrides.
+  local name=$1 keys=$2 grid=$3 extend=$4 dir=$root/$sweeps/$1 plans=$records/$sweeps/$1 r=0 d edges; shift 4
   run $sweep $grid "$@" run_name=$sweeps/$name/r0 >&2
-  for d in $dir/r*-*; do  # a resumed sweep counts the rounds it already ran, and names new ones after them
-    [ -d "$d" ] || continue; d=${d##*/r}; d=${d%%-*}; [ "$d" -le $r ] || r=$d
+  for d in $dir/r*-* $plans/r*.txt; do  # the rounds already begun (run directories rN-i, plans rN.txt)
+    [ -e "$d" ] || continue; d=${d##*/r}; d=${d%%[-.]*}; [ "$d" -le $r ] || r=$d
   done
+  [ ! -f $plans/r$r.txt ] || round "$@"
   while $py -m shd_vision.report dir=$dir "by=[$keys]" "extend=[$extend]" >/dev/null 2>&1 && [ -s $dir/extend.txt ] \
       && [ $r -lt "${STUDY_EXTEND:-3}" ]; do
-    r=$((r + 1)); i=0
-    while read -r -u 3 more; do run $sweep $more "$@" run_name=$sweeps/$name/r$r-$i >&2; i=$((i + 1)); done 3< $dir/extend.txt
+    r=$((r + 1)); mkdir -p $plans && cp $dir/extend.txt $plans/r$r.txt && round "$@"
   done
   edges=$(grep -o "EDGE: .*" $dir/results.md || true)
   echo "sweep $name, $r extension round(s) (cap STUDY_EXTEND=${STUDY_EXTEND:-3}): ${edges:-every chosen value is interior}" \

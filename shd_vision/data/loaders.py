@@ -14,7 +14,6 @@ import contextlib
 import itertools
 import logging
 import random
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -389,25 +388,11 @@ def build_val_loader(cfg: DictConfig, val: Dataset, data_cfg: Dict[str, Any],
         _stream_options(cfg)
         val.set_loader_cfg(num_workers=cfg.num_workers)
         return DataLoader(val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-                          num_workers=cfg.num_workers, pin_memory=_pin(cfg), generator=_own_generator(),
-                          worker_init_fn=_worker_init)
+                          num_workers=cfg.num_workers, pin_memory=_pin(cfg), generator=_own_generator())
     val = _guard(_subset(val, cfg.val_size, "data.val_size"), cfg, bad_record)
     return DataLoader(val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                       sampler=ShardSampler(len(val), rank, world), num_workers=cfg.num_workers,
-                      pin_memory=_pin(cfg), generator=_own_generator(), worker_init_fn=_worker_init)
-
-
-def _worker_init(worker_id: int) -> None:
-    """A loader worker outlives the first stop signal. ``scancel``, ``pkill`` and Ctrl-C signal
-    every process of a job, and a worker killed by one crashed the main process's clean stop (it
-    saves at the next step boundary, then ends its workers). A second signal, or the loader's
-    own ``terminate()`` at shutdown, ends the worker as before, so no shutdown waits on it."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, _default_next_time)
-
-
-def _default_next_time(signum: int, frame: Any) -> None:
-    signal.signal(signum, signal.SIG_DFL)
+                      pin_memory=_pin(cfg), generator=_own_generator())
 
 
 def _pin(cfg: DictConfig) -> bool:
@@ -441,7 +426,7 @@ def build_data(cfg: DictConfig, splits: Tuple[Dataset, Dataset, Sequence[str]], 
                         f"the training set ({len(sampler)} images); lower it or use more data.")
     train_loader = DataLoader(SeededItems(train), batch_size=cfg.batch_size, sampler=sampler,
                               num_workers=cfg.num_workers, pin_memory=_pin(cfg), drop_last=True,
-                              generator=_own_generator(), worker_init_fn=_worker_init)
+                              generator=_own_generator())
     val_loader = build_val_loader(cfg, val, data_cfg, rank, world, bad_record)
     return Data(train_loader, val_loader, sampler, BatchFinish(cfg, data_cfg, len(classes), seed, rank), list(classes),
                 data_cfg, len(train), len(val_loader.dataset))
@@ -473,7 +458,7 @@ def _stream_data(cfg: DictConfig, train: IterableDataset, val: Dataset, classes:
     train.set_loader_cfg(num_workers=cfg.num_workers)
     _plan_stream_epoch(cfg, train.reader, world)
     loader = DataLoader(train, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=_pin(cfg),
-                        drop_last=True, generator=_own_generator(), worker_init_fn=_worker_init)
+                        drop_last=True, generator=_own_generator())
     val_loader = build_val_loader(cfg, val, data_cfg, rank, world)
     return Data(loader, val_loader, StreamEpochs(loader, seed, rank), BatchFinish(cfg, data_cfg, len(classes), seed, rank),
                 list(classes), data_cfg, train.reader.per_worker * world * cfg.num_workers,

@@ -5,11 +5,12 @@ import hydra
 from omegaconf import DictConfig
 
 from shd_vision import cli
-from shd_vision.engine.evaluate import evaluate_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
+    from shd_vision.engine.evaluate import evaluate_checkpoint  # torch and timm after the config composed
+
     return cli.run_task(evaluate_checkpoint, cfg)["top1"]
 
 

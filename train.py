@@ -9,13 +9,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from shd_vision import cli
-from shd_vision.engine.identity import continue_command
-from shd_vision.engine.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the final validation top-1, the value Hydra sweepers (Optuna) maximise."""
+    from shd_vision.engine.identity import continue_command  # torch and timm after the config composed
+    from shd_vision.engine.train import train
+
     summary, _ = cli.run_task(train, cfg)
     hydra_cfg = HydraConfig.get()
     if (summary.get("status") == "stopped" and hydra_cfg.mode == RunMode.MULTIRUN

@@ -1,4 +1,7 @@
-"""Entry-point plumbing: a user's mistake becomes one paragraph on stderr and exit code 2."""
+"""Entry-point plumbing: a user's mistake becomes one paragraph on stderr and exit code 2.
+
+It imports nothing heavy (torch, timm) before a task starts, so that a mistake in the command
+line or the config files is reported in about a second."""
 
 from __future__ import annotations
 
@@ -14,9 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import shd_vision.config  # noqa: F401  (registers the schemas and resolvers Hydra composes with)
-from shd_vision.data.datasets import UnreadableImage, unreadable_message
-from shd_vision.engine.identity import COMMAND, continue_command
-from shd_vision.errors import UserError
+from shd_vision.errors import COMMAND, UserError
 
 _task_started = False
 _sweep_jobs: List[str] = []  # "job N (overrides)" of every sweep job this process ran
@@ -45,6 +46,9 @@ def in_sweep() -> bool:
 def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """The body of a ``@hydra.main`` function: run ``task``, reporting user errors. In a sweep a
     failing job (a user error or an exception) is reported and recorded, and the others run."""
+    from shd_vision.data.datasets import UnreadableImage, unreadable_message
+    from shd_vision.engine.identity import continue_command
+
     global _task_started, _continue
     _task_started = True
     job = _job_name() if in_sweep() else ""

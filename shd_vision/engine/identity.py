@@ -41,7 +41,6 @@ RESUMABLE = (
 )
 
 LOCK_NAME = ".lock"
-COMMAND = "\n$ "  # in an error message: what follows is a command, printed on its own line (cli.fail)
 
 
 def resumable(key: str) -> bool:

@@ -40,7 +40,7 @@ from shd_vision.engine.checkpoint import (FORMAT_VERSION, Checkpoints, export_st
 from shd_vision.engine.logbook import (Logbook, Throughput, WandbSink, format_duration, format_rate,
                                       format_summary, read_jsonl, run_logging)
 from shd_vision.engine.metrics import evaluate
-from shd_vision.errors import UserError
+from shd_vision.errors import COMMAND, UserError
 from shd_vision.models.factory import create_student, create_teacher, describe
 from shd_vision.models.teacher import Teacher, check_teacher_top1
 from shd_vision.models.weights import FORMAT_KEY
@@ -302,7 +302,7 @@ class Run:
                 f"{kept}. Replace or delete the file (python -m shd_vision.data.check with this run's data "
                 "settings lists every unreadable one) and continue with the command below, or add "
                 "data.skip_bad_images=true to it to stand the next readable image in for each bad one (each is "
-                f"logged once and counted in summary.json).{identity.COMMAND}{identity.continue_command(self.cfg.run_name)}")
+                f"logged once and counted in summary.json).{COMMAND}{identity.continue_command(self.cfg.run_name)}")
 
     def _fit(self) -> Dict[str, Any]:
         tr = self.cfg.trainer

@@ -76,7 +76,8 @@ if [ $study = ratio ]; then
     run $seeds $H study=shd_logit_select $T $SELECT run_name=$rows/shd_logit_select "$@"
     run $seeds $H study=shd_logit_mean $T $MEAN run_name=$rows/shd_logit_mean "$@"
     $py -m shd_vision.report dir=$root/ratio/study "by=[model.num_heads,kd.name]" \
-      "paired=[minilm,shd_logit_select,shd_logit_mean]" x=model.num_heads
+      "paired=[minilm,shd_logit_select,shd_logit_mean]" x=model.num_heads \
+      "x_label='student heads (6-head teacher: head ratio 6, 3, 2)'"
   done
   exit 0
 fi

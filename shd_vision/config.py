@@ -294,6 +294,7 @@ class ReportConfig(TaskConfig):
     paired: List[str] = field(default_factory=list)  # rows to compare every other row with, seed by seed
     extend: List[str] = field(default_factory=list)  # numeric keys whose edge optima extend.txt extends
     x: Optional[str] = None  # a key of the table to draw top-1 against (trend.png)
+    x_label: Optional[str] = None  # its axis's name (None: the key)
 
 
 def register_schemas() -> None:

@@ -362,7 +362,8 @@ def _save(fig: plt.Figure, axes: Tuple[plt.Axes, ...], path: Path, legend_size: 
     return path
 
 
-def trend(keys: List[str], rows: List[Dict[str, Any]], x: str, path: Path, title: str) -> Path:
+def trend(keys: List[str], rows: List[Dict[str, Any]], x: str, path: Path, title: str,
+          x_label: Optional[str] = None) -> Path:
     """Top-1 against the key ``x``: one line per value of the other keys (mean over seeds, ± one
     std as error bars), e.g. each method against the student's head count."""
     if x not in keys:
@@ -377,7 +378,7 @@ def trend(keys: List[str], rows: List[Dict[str, Any]], x: str, path: Path, title
         points.sort(key=lambda p: p[0])
         ax.errorbar([str(p[0]) for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
                     marker="o", capsize=3, color=colours[i % 10], label=label)
-    ax.set(xlabel=x, ylabel="validation top-1 (%), mean ± std over seeds", title=title)
+    ax.set(xlabel=x_label or x, ylabel="validation top-1 (%), mean ± std over seeds", title=title)
     return _save(fig, (ax,), path, legend_size=8)
 
 
@@ -418,7 +419,7 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
     write_csv(keys, rows, out / "results.csv")
     picture = curves(keys, rows, out / "curves.png", f"{root.name}: {len(runs)} runs")
     if cfg.x:
-        trend(keys, rows, cfg.x, out / "trend.png", f"{root.name}: top-1 against {cfg.x}")
+        trend(keys, rows, cfg.x, out / "trend.png", f"{root.name}: top-1 against {cfg.x}", cfg.x_label)
     log.info("%d runs in %s, %d settings (mean ± std over seeds):\n%s\n\nfiles: %s, %s, %s", len(runs), root,
              len(rows), table, out / "results.md", out / "results.csv", picture)
     return {"keys": keys, "rows": [{k: v for k, v in r.items() if k != "runs"} for r in rows], "table": table,

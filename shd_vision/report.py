@@ -362,8 +362,18 @@ def _save(fig: plt.Figure, axes: Tuple[plt.Axes, ...], path: Path, legend_size: 
     return path
 
 
+def x_positions(values: List[Any]) -> Dict[Any, float]:
+    """Where each x value goes on trend.png's axis: numbers at their value, anything else at its
+    rank among all values, so every line shares one ordered axis (matplotlib would place string
+    categories in the order it first meets them, line by line)."""
+    union = sorted(set(values), key=lambda v: (not _number(v), v if _number(v) else str(v)))
+    if all(_number(v) for v in union):
+        return {v: float(v) for v in union}
+    return {v: float(i) for i, v in enumerate(union)}
+
+
 def trend(keys: List[str], rows: List[Dict[str, Any]], x: str, path: Path, title: str,
-          x_label: Optional[str] = None) -> Path:
+          x_label: Optional[str] = None, y_label: str = "top-1") -> Path:
     """Top-1 against the key ``x``: one line per value of the other keys (mean over seeds, ± one
     std as error bars), e.g. each method against the student's head count."""
     if x not in keys:
@@ -372,13 +382,15 @@ def trend(keys: List[str], rows: List[Dict[str, Any]], x: str, path: Path, title
     lines: Dict[str, List[Tuple[Any, float, float]]] = {}
     for r in rows:
         lines.setdefault(row_label(others, r), []).append((r[x], r["top1"], r["top1_std"]))
+    at = x_positions([r[x] for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = plt.get_cmap("tab10").colors
     for i, (label, points) in enumerate(sorted(lines.items())):
-        points.sort(key=lambda p: p[0])
-        ax.errorbar([str(p[0]) for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+        points.sort(key=lambda p: at[p[0]])
+        ax.errorbar([at[p[0]] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
                     marker="o", capsize=3, color=colours[i % 10], label=label)
-    ax.set(xlabel=x_label or x, ylabel="validation top-1 (%), mean ± std over seeds", title=title)
+    ax.set_xticks(list(at.values()), [str(v) for v in at])
+    ax.set(xlabel=x_label or x, ylabel=f"{y_label} (%)\nmean ± std over seeds", title=title)
     return _save(fig, (ax,), path, legend_size=8)
 
 
@@ -419,7 +431,8 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
     write_csv(keys, rows, out / "results.csv")
     picture = curves(keys, rows, out / "curves.png", f"{root.name}: {len(runs)} runs")
     if cfg.x:
-        trend(keys, rows, cfg.x, out / "trend.png", f"{root.name}: top-1 against {cfg.x}", cfg.x_label)
+        trend(keys, rows, cfg.x, out / "trend.png", f"{root.name}: top-1 against {cfg.x}", cfg.x_label,
+              validated_on(runs))
     log.info("%d runs in %s, %d settings (mean ± std over seeds):\n%s\n\nfiles: %s, %s, %s", len(runs), root,
              len(rows), table, out / "results.md", out / "results.csv", picture)
     return {"keys": keys, "rows": [{k: v for k, v in r.items() if k != "runs"} for r in rows], "table": table,

@@ -15,12 +15,17 @@ from omegaconf import DictConfig
 from shd_vision.config import PROJECT_ROOT, compose_train
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+# scripts/test.sh runs the suite in pytest-xdist workers, one per core: each run in a worker then
+# gets one torch thread, since two 2-thread pools on 2 cores spin-wait each other many times slower.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if THREADS == 1:
+    os.environ["OMP_NUM_THREADS"] = "1"  # subprocesses and this worker's own torch
 
 
 def compose(tmp: Path, *overrides: str, run: str = "run") -> DictConfig:
     """A debug=fast train config whose files all go under ``tmp``."""
     return compose_train(["debug=fast", f"paths.log_dir={tmp}/logs", f"hydra.run.dir={tmp}/{run}",
-                          "trainer.threads=2", *overrides])
+                          f"trainer.threads={THREADS}", *overrides])
 
 
 @pytest.fixture
@@ -39,6 +44,11 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "teacher" / "checkpoints" / "best.pt"
 
 
+def paragraph(text: str) -> str:
+    """Text with its line breaks undone: errors wrap at 100 columns, wherever a path's length puts them."""
+    return " ".join(text.split())
+
+
 def run_cli(script: str, *args: str, cwd: Path = PROJECT_ROOT, timeout: int = 300,
             env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """Run ``python script args`` (or ``-m module``) from the repository and capture its output."""
@@ -50,4 +60,4 @@ def run_cli(script: str, *args: str, cwd: Path = PROJECT_ROOT, timeout: int = 30
 def debug_args(tmp: Path, *extra: str) -> List[str]:
     """Command-line overrides of a debug=fast run under ``tmp`` (run directory ``tmp/run``)."""
     run = [] if any(e.startswith("hydra.run.dir=") for e in extra) else [f"hydra.run.dir={tmp}/run"]
-    return ["debug=fast", f"paths.log_dir={tmp}/logs", "trainer.threads=2", *run, *extra]
+    return ["debug=fast", f"paths.log_dir={tmp}/logs", f"trainer.threads={THREADS}", *run, *extra]

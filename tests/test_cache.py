@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose, debug_args, run_cli
+from conftest import THREADS, compose, debug_args, run_cli
 from shd_vision.cache import dense_logits, sparse_logits, write_cache
 from shd_vision.config import compose_train
 from shd_vision.distill.logit import kd_loss
@@ -26,7 +26,7 @@ COMBO = ["model=vit_fmnist_student_distilled", "kd=deit", "kd.terms.logit.weight
 
 
 def write(tmp, *overrides, name="cache"):
-    cfg = compose_train(["debug=fast", f"paths.log_dir={tmp}/logs", "trainer.threads=2", f"cache.dir={tmp}/{name}",
+    cfg = compose_train(["debug=fast", f"paths.log_dir={tmp}/logs", f"trainer.threads={THREADS}", f"cache.dir={tmp}/{name}",
                          *overrides], config_name="cache")
     return write_cache(cfg)
 

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import debug_args, run_cli
+from conftest import debug_args, paragraph, run_cli
 
 
 def bad_input_cases(tmp, teacher_ckpt):
@@ -82,8 +82,8 @@ def test_bad_input_exits_2_with_one_paragraph(case, outcomes):
     expected, result = outcomes[case]
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: ")
-    assert expected in " ".join(result.stderr.split())
+    assert paragraph(result.stderr).startswith("error: ")
+    assert expected in paragraph(result.stderr)
     assert "\n\n" not in result.stderr.strip()
 
 

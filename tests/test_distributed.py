@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import debug_args, run_cli
+from conftest import THREADS, debug_args, run_cli
 from shd_vision.config import PROJECT_ROOT, _process_start_time, run_stamp
 from shd_vision.engine.runtime import cluster_env
 
@@ -197,7 +197,7 @@ def test_sigterm_ends_a_local_sweep_not_only_its_current_job(tmp_path):
     """With Hydra's basic launcher one process runs every job of a -m sweep: a stop signal saves
     the running job and ends the sweep (exit 143) instead of starting the next job."""
     cmd = [sys.executable, "train.py", "-m", "seed=0,1", "debug=fast", *SYNTHETIC, "trainer.max_steps=200",
-           "trainer.epochs=30", "data.batch_size=8", "trainer.threads=2", f"paths.log_dir={tmp_path}", "run_name=sw"]
+           "trainer.epochs=30", "data.batch_size=8", f"trainer.threads={THREADS}", f"paths.log_dir={tmp_path}", "run_name=sw"]
     proc, output = sigterm_once_logged(cmd, tmp_path / "train/multiruns/sw/0/train.log", "step 3/200")
     assert proc.returncode == 143, output[-2000:]
     assert "stopped by SIGTERM" in output and "the sweep stops here" in output

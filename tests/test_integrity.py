@@ -12,17 +12,13 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from conftest import debug_args, run_cli
+from conftest import THREADS, debug_args, paragraph, run_cli
 from shd_vision.config import PROJECT_ROOT, compose_train
 from shd_vision.engine import checkpoint as ck
 from shd_vision.engine.identity import RESUMABLE
 from shd_vision.engine.train import train
 from shd_vision.errors import UserError
 from shd_vision.models.factory import build, pretrained_tag
-
-
-def paragraph(text):
-    return " ".join(text.split())
 
 
 def files_of(run_dir, skip=(".lock",)):
@@ -172,7 +168,7 @@ def test_a_run_from_another_clone_of_the_project_is_the_same_run():
 
 def test_a_run_named_by_slurm_is_guarded_the_same_way(tmp_path):
     env = {"SLURM_JOB_ID": "777", "SLURM_NTASKS": "1"}
-    args = ["debug=fast", f"paths.log_dir={tmp_path}", "kd=none", "trainer.threads=2"]
+    args = ["debug=fast", f"paths.log_dir={tmp_path}", "kd=none", f"trainer.threads={THREADS}"]
     first = run_cli("train.py", *args, "trainer.max_steps=2", env=env)
     assert first.returncode == 0, first.stderr[-2000:]
     assert (tmp_path / "train/runs/slurm-777/checkpoints/last.pt").is_file()
@@ -230,7 +226,7 @@ def test_the_keys_that_may_change_on_resume_are_listed_in_the_readme():
 def test_a_failing_job_does_not_end_a_sweep_and_the_printed_command_continues_it(tmp_path):
     """The issue's example: kd=deit on the default (undistilled) student is a user error in job 0;
     job 1 runs, the end names job 0, and the printed command skips job 1 when run again."""
-    args = ["-m", "kd=deit,logit", "debug=fast", f"paths.log_dir={tmp_path}", "trainer.threads=2"]
+    args = ["-m", "kd=deit,logit", "debug=fast", f"paths.log_dir={tmp_path}", f"trainer.threads={THREADS}"]
     result = run_cli("train.py", *args)
     assert result.returncode == 2, result.stderr[-3000:]
     sweep = next((tmp_path / "train" / "multiruns").iterdir())
@@ -252,7 +248,7 @@ def test_a_failing_job_does_not_end_a_sweep_and_the_printed_command_continues_it
 @pytest.mark.slow
 def test_an_optuna_search_records_failed_trials_and_goes_on(tmp_path):
     result = run_cli("train.py", "-m", "hparams_search=shd_optuna", "hydra.sweeper.n_trials=2", "debug=fast",
-                     "trainer.threads=2", f"paths.log_dir={tmp_path}", "run_name=opt", "optim.lr=-1")
+                     f"trainer.threads={THREADS}", f"paths.log_dir={tmp_path}", "run_name=opt", "optim.lr=-1")
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count("error in sweep job") == 2  # the second trial ran after the first failed
     assert "2 of 2 sweep jobs failed" in paragraph(result.stderr) and "optim.lr=-1.0" in result.stderr

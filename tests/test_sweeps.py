@@ -6,13 +6,13 @@ import json
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import THREADS, paragraph, run_cli
 from shd_vision.errors import UserError
-from shd_vision.report import around, edge_optima, extension, find_runs, summarise, swept_keys
+from shd_vision.report import around, edge_optima, extension, find_runs, summarise, swept_keys, x_positions
 from wandb_records import history, records, run_record
 
 FAST = ["debug=fast", "data=synthetic", "data.train_size=64", "data.val_size=32", "data.batch_size=16",
-        "trainer.max_steps=2", "trainer.threads=2", "trainer.eval_teacher=false"]
+        "trainer.max_steps=2", f"trainer.threads={THREADS}", "trainer.eval_teacher=false"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_report_rows_by_chosen_keys(sweep):
     assert {r["seed"]: r["repeated_seeds"] for r in rows} == {0: [0], 1: [1]}  # two methods per seed
     result = run_cli("-m shd_vision.report", f"dir={sweep}", "by=[seed]", f"out={sweep.parent / 'by_seed'}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "REPEATED SEEDS: row 0 holds seed(s) 0 more than once" in result.stderr
+    assert "REPEATED SEEDS: row 0 holds seed(s) 0 more than once" in paragraph(result.stderr)
     with pytest.raises(UserError, match="by=kd.nam is not a config key of the runs; give keys such as seed"):
         summarise(runs, by=["kd.nam"])
 
@@ -93,7 +93,7 @@ def test_last_quarter_gain_reads_the_validation_curve():
 
 def test_report_of_a_folder_without_runs_is_a_user_error(tmp_path):
     result = run_cli("-m shd_vision.report", f"dir={tmp_path}")
-    assert result.returncode == 2 and "holds no finished run" in result.stderr
+    assert result.returncode == 2 and "holds no finished run" in paragraph(result.stderr)
 
 
 @pytest.mark.slow
@@ -113,7 +113,7 @@ def test_optuna_search_runs_trials_and_writes_its_best_value(tmp_path, teacher_c
 
 def test_wandb_offline_logs_config_terms_pictures_and_summary(tmp_path, teacher_ckpt):
     result = run_cli("train.py", "logger=wandb", "kd=shd", "debug=fast", f"teacher.checkpoint={teacher_ckpt}",
-                     f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", "trainer.threads=2",
+                     f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", f"trainer.threads={THREADS}",
                      env={"WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     (log_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
@@ -184,7 +184,7 @@ def test_extending_two_edge_keys_runs_every_new_point_once(tmp_path):
     assert sorted(points) == sorted(extended - {(t, w) for t in ("1.0", "2.0") for w in ("1", "3")})  # once each
     result = run_cli("-m shd_vision.report", f"dir={tmp_path / 'runs'}", f"by=[{TAU},{WEIGHT}]", f"extend=[{WEIGHT}]")
     assert result.returncode == 0, result.stderr
-    assert f"EDGE: the best {WEIGHT}=3 is the largest value tried (1, 3)" in result.stderr
+    assert f"EDGE: the best {WEIGHT}=3 is the largest value tried (1, 3)" in paragraph(result.stderr)
     assert f"EDGE: the best {WEIGHT}=3 is the largest value tried (1, 3)" in (tmp_path / "runs/results.md").read_text()
     assert (tmp_path / "runs/extend.txt").read_text() == f"{TAU}=1.0,2.0 {WEIGHT}=9\n"
 
@@ -197,7 +197,7 @@ def test_a_count_steps_by_its_own_factor_and_a_bad_factor_is_refused_before_writ
     assert extension(keys, rows, [f"{TAU}:2.5"]) == [f"{TAU}=1.6 {WEIGHT}=1,3"]  # a non-integer step leaves ints
     result = run_cli("-m shd_vision.report", f"dir={tmp_path / 'runs'}", f"by=[{TAU},{WEIGHT}]", f"extend=[{TAU}:1]")
     assert result.returncode == 2
-    assert f"extend=[{TAU}:1]: the step factor after ':' is '1'; give a number above 1" in result.stderr
+    assert f"extend=[{TAU}:1]: the step factor after ':' is '1'; give a number above 1" in paragraph(result.stderr)
     assert not (tmp_path / "runs/results.md").exists() and not (tmp_path / "runs/extend.txt").exists()
 
 
@@ -223,3 +223,11 @@ def test_rows_of_several_keys_pair_with_the_reference_at_their_own_value(tmp_pat
         assert f"| {h} | shd | {70 + 5 * h + 2 + (1 + h) / 2:.2f} ± " in table
         assert next(line for line in table.splitlines() if line.startswith(f"| {h} | shd")).count("+2.00 [+2.00, +2.00]") == 1
     assert (tmp_path / "runs/trend.png").stat().st_size > 10_000
+
+
+def test_trend_lines_share_one_ordered_axis():
+    """A line that lacks the smallest value must not push it to the end of the axis (matplotlib
+    orders string categories as it first meets them)."""
+    assert x_positions([3, 2, 1, 2, 3]) == {1: 1.0, 2: 2.0, 3: 3.0}  # numbers at their value
+    assert x_positions([0.5, 4]) == {0.5: 0.5, 4: 4.0}
+    assert list(x_positions(["vit_small", "deit_tiny", "vit_small"]).items()) == [("deit_tiny", 0.0), ("vit_small", 1.0)]

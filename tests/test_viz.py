@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import debug_args, run_cli
+from conftest import debug_args, paragraph, run_cli
 from shd_vision.viz.attention import head_similarity
 
 
@@ -29,4 +29,4 @@ def test_viz_writes_every_picture_for_an_shd_checkpoint(tmp_path, teacher_ckpt):
 def test_viz_of_a_run_without_teacher_is_a_user_error(tmp_path):
     assert run_cli("train.py", *debug_args(tmp_path, "kd=none", "~teacher")).returncode == 0
     result = run_cli("-m shd_vision.viz", f"ckpt={tmp_path}/run/checkpoints/last.pt", f"hydra.run.dir={tmp_path}/v")
-    assert result.returncode == 2 and "trained without a teacher" in result.stderr
+    assert result.returncode == 2 and "trained without a teacher" in paragraph(result.stderr)

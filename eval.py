@@ -9,9 +9,13 @@ from shd_vision import cli
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
-    from shd_vision.engine.evaluate import evaluate_checkpoint  # torch and timm after the config composed
+    return cli.run_task(_evaluate, cfg)["top1"]
 
-    return cli.run_task(evaluate_checkpoint, cfg)["top1"]
+
+def _evaluate(cfg: DictConfig):
+    from shd_vision.engine.evaluate import evaluate_checkpoint  # torch and timm once the config has passed its checks
+
+    return evaluate_checkpoint(cfg)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from hydra.errors import MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import shd_vision.config  # noqa: F401  (registers the schemas and resolvers Hydra composes with)
-from shd_vision.errors import COMMAND, UserError
+from shd_vision.config import check_config  # importing it registers the schemas and resolvers Hydra composes with
+from shd_vision.errors import COMMAND, UnreadableImage, UserError, unreadable_message
 
 _task_started = False
 _sweep_jobs: List[str] = []  # "job N (overrides)" of every sweep job this process ran
@@ -46,16 +46,16 @@ def in_sweep() -> bool:
 def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """The body of a ``@hydra.main`` function: run ``task``, reporting user errors. In a sweep a
     failing job (a user error or an exception) is reported and recorded, and the others run."""
-    from shd_vision.data.datasets import UnreadableImage, unreadable_message
-    from shd_vision.engine.identity import continue_command
-
     global _task_started, _continue
     _task_started = True
     job = _job_name() if in_sweep() else ""
     if job:
+        from shd_vision.engine.identity import continue_command  # imports torch
+
         _sweep_jobs.append(job)
         _continue = continue_command(cfg.run_name)
     try:
+        check_config(cfg)  # before the task imports torch and timm: a value out of range is told at once
         return task(cfg)
     except UnreadableImage as e:  # outside training (eval.py); a worker's copy carries its traceback
         message, user = (f"{unreadable_message(e)}. Replace or delete it, or set data.skip_bad_images=true; "

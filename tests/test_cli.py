@@ -1,12 +1,14 @@
 """Every user mistake the project knows, table-driven (docs/reliability.md lists them): one
 paragraph naming the value and what is valid, exit code 2, no traceback, nothing written touched."""
 
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import debug_args, paragraph, run_cli
+from conftest import PROJECT_ROOT, debug_args, paragraph, run_cli
 
 
 def bad_input_cases(tmp, teacher_ckpt):
@@ -85,6 +87,18 @@ def test_bad_input_exits_2_with_one_paragraph(case, outcomes):
     assert paragraph(result.stderr).startswith("error: ")
     assert expected in paragraph(result.stderr)
     assert "\n\n" not in result.stderr.strip()
+
+
+@pytest.mark.parametrize("script,value", [("train.py", "optim.lr=-1"), ("eval.py", "trainer.precision=16")])
+def test_a_value_out_of_range_is_told_before_torch_loads(script, value, tmp_path):
+    """Half a second instead of six: the schema's ranges are checked before the task imports torch."""
+    args = [value, f"paths.log_dir={tmp_path}", *(["ckpt=none.pt"] if script == "eval.py" else [])]
+    cmd = [sys.executable, "-X", "importtime", script, *args]
+    result = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    told = paragraph(result.stderr[result.stderr.index("error:"):])
+    assert result.returncode == 2 and told.startswith(f"error: {value}"), result.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert "hydra" in imported and "torch" not in imported and "timm" not in imported
 
 
 def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):

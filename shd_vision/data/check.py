@@ -21,10 +21,9 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from shd_vision import cli
-from shd_vision.data.datasets import UnreadableImage, unreadable_message
 from shd_vision.data.loaders import open_split
 from shd_vision.engine.logbook import format_duration, run_logging
-from shd_vision.errors import UserError
+from shd_vision.errors import UnreadableImage, UserError, unreadable_message
 
 log = logging.getLogger("shd_vision.check")
 _dataset: Optional[Dataset] = None  # each worker's copy of the split being scanned

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from timm.data import IterableImageDataset, create_dataset
 from timm.data.readers.reader_wds import ReaderWds
 
-from shd_vision.errors import UserError
+from shd_vision.errors import UNREADABLE, UnreadableImage, UserError
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -83,21 +83,6 @@ def digits(split: str) -> ArrayDataset:
     cut = int(0.8 * len(images))
     keep = order[:cut] if split == "train" else order[cut:]
     return ArrayDataset(images[keep], bunch.target[keep], [str(c) for c in range(10)])
-
-
-# Starts the message of UnreadableImage; a loader worker's copy is found again by it.
-UNREADABLE = "unreadable image file "
-
-
-class UnreadableImage(UserError):
-    """An image file PIL cannot decode. One message argument, so that a loader worker can re-raise
-    it in the main process (with its traceback folded into the message: see :func:`unreadable_message`)."""
-
-
-def unreadable_message(e: BaseException) -> str:
-    """``unreadable image file <path> (<reason>)``, also out of a worker's re-raised copy."""
-    lines = [line for line in str(e).splitlines() if UNREADABLE in line]
-    return lines[-1][lines[-1].index(UNREADABLE):] if lines else str(e)
 
 
 class TimmImages(Dataset):

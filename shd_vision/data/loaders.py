@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from torchvision import transforms as T
 
 from shd_vision.data import affine, datasets
-from shd_vision.errors import UserError
+from shd_vision.errors import UnreadableImage, UserError, unreadable_message
 
 log = logging.getLogger("shd_vision.data")
 
@@ -174,8 +174,8 @@ class SkipBadImages(Dataset):
         for k in range(len(self.dataset)):
             try:
                 return self.dataset[(index + k) % len(self.dataset)]
-            except datasets.UnreadableImage as e:
-                self._note(datasets.unreadable_message(e))
+            except UnreadableImage as e:
+                self._note(unreadable_message(e))
         raise UserError("no image of the data set could be read (data.skip_bad_images=true replaced "
                         "every one); check data.root.")
 

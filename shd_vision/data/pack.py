@@ -33,10 +33,10 @@ from PIL import Image
 
 from shd_vision import cli
 from shd_vision.config import check_config
-from shd_vision.data.datasets import UNREADABLE, TimmImages, UnreadableImage, unreadable_message
+from shd_vision.data.datasets import TimmImages
 from shd_vision.data.loaders import open_split
 from shd_vision.engine.logbook import format_duration, run_logging
-from shd_vision.errors import UserError
+from shd_vision.errors import UNREADABLE, UnreadableImage, UserError, unreadable_message
 
 log = logging.getLogger("shd_vision.pack")
 _job: Optional[Tuple[TimmImages, int, int]] = None  # each worker's split, size and quality

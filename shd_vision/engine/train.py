@@ -29,7 +29,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shd_vision.cache import CachedTeacher, logits_only, open_cache
 from shd_vision.config import check_config
-from shd_vision.data.datasets import UnreadableImage, unreadable_message
 from shd_vision.data.loaders import bad_images, build_data, open_splits, random_labels, resolve_input
 from shd_vision.distill import Batch, Distiller
 from shd_vision.distill.base import active_terms, uses_teacher
@@ -40,7 +39,7 @@ from shd_vision.engine.checkpoint import (FORMAT_VERSION, Checkpoints, export_st
 from shd_vision.engine.logbook import (Logbook, Throughput, WandbSink, format_duration, format_rate,
                                       format_summary, read_jsonl, run_logging)
 from shd_vision.engine.metrics import evaluate
-from shd_vision.errors import COMMAND, UserError
+from shd_vision.errors import COMMAND, UnreadableImage, UserError, unreadable_message
 from shd_vision.models.factory import create_student, create_teacher, describe
 from shd_vision.models.teacher import Teacher, check_teacher_top1
 from shd_vision.models.weights import FORMAT_KEY

@@ -37,6 +37,7 @@ from torch.utils.data import IterableDataset
 
 from shd_vision import cli
 from shd_vision.config import check_config
+from shd_vision.data.datasets import content_id
 from shd_vision.data.loaders import build_data, build_val_loader, open_splits, random_labels, resolve_input
 from shd_vision.distill.base import METHODS
 from shd_vision.engine import identity, runtime
@@ -57,7 +58,7 @@ HEADER = "cache.json"
 # less what only validation reads and the teacher's file path (its weights' hash stands in).
 DEPENDS = ("seed", "data.", "teacher.", "trainer.accumulate", "trainer.precision", "run.")
 VALIDATION = ("data.val_split", "data.val_size")
-NOT_LOGITS = ("teacher.cache", "teacher.checkpoint")
+NOT_LOGITS = ("teacher.cache", "teacher.checkpoint", "run.val_data")
 PLAN = ("top_k", "dtype", "batches_per_epoch", "batch_size", "processes")  # how the logits are laid out
 
 
@@ -280,7 +281,8 @@ def open_cache(cfg: DictConfig, data_config: Mapping[str, Any], facts: Mapping[s
         raise UserError(f"teacher.cache={cache_dir} is not a teacher cache (no readable {HEADER}); write one "
                         "with: python -m shd_vision.cache <this run's overrides> cache.dir=DIR, or remove "
                         "teacher.cache to run the teacher live.")
-    diff = identity.differences(header["fingerprint"], fingerprint(cfg, data_config, facts), "the cache")
+    diff = identity.differences(header["fingerprint"], identity.known_to(header["fingerprint"],
+                                                                         fingerprint(cfg, data_config, facts)), "the cache")
     if diff:
         raise UserError(f"teacher.cache={cache_dir} holds the logits of a run defined differently from this one, "
                         f"in {len(diff)} key(s): {'; '.join(diff)}. Its logits would not be this run's teacher's. "
@@ -352,7 +354,7 @@ class _Writer:
         self.batches = updates * tr.accumulate  # what an epoch of training reads
         self.epochs = min(tr.epochs, math.ceil(tr.max_steps / updates)) if tr.max_steps else tr.epochs
         facts = identity.run_facts(cfg.data.batch_size * self.processes * tr.accumulate, self.processes,
-                                   first.train_images, self.classes)
+                                   first.train_images, self.classes, (content_id(splits[0]), content_id(splits[1])))
         self.header = {
             "format": FORMAT, "fingerprint": fingerprint(cfg, self.data_config, facts),
             "top_k": self.opts.top_k, "dtype": self.opts.dtype, "epochs": self.epochs,
@@ -407,7 +409,9 @@ class _Writer:
                     "cache.resume=auto (intact parts are kept, others written), or write this one elsewhere "
                     "(cache.dir=DIR, or run_name=NAME).")
         diff = (identity.differences({k: found.get(k) for k in PLAN}, {k: self.header[k] for k in PLAN}, "the cache")
-                + identity.differences(found.get("fingerprint", {}), self.header["fingerprint"], "the cache"))
+                + identity.differences(found.get("fingerprint", {}),
+                                       identity.known_to(found.get("fingerprint", {}), self.header["fingerprint"]),
+                                       "the cache"))
         if diff:
             return (f"cache.resume=auto: {self.dir} holds the cache of another plan, differing in {len(diff)} "
                     f"key(s): {'; '.join(diff)}. Write this one elsewhere (cache.dir=DIR), or use that plan's values.")

@@ -12,8 +12,9 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from conftest import THREADS, debug_args, paragraph, run_cli
+from conftest import FMNIST, THREADS, debug_args, paragraph, run_cli
 from shd_vision.config import PROJECT_ROOT, compose_train
+from shd_vision.data.datasets import content_id, fashion_mnist
 from shd_vision.engine import checkpoint as ck
 from shd_vision.engine.identity import RESUMABLE
 from shd_vision.engine.train import train
@@ -132,8 +133,10 @@ def test_a_resume_with_another_process_count_is_refused(make_cfg, tmp_path):
     train(make_cfg("kd=none", "trainer.max_steps=2"))
     last = tmp_path / "run/checkpoints/last.pt"
     ckpt = ck.load(last, "x")
-    assert ckpt["facts"] == {"global_batch": 32, "processes": 1, "train_images": 256,
-                             "classes": ckpt["classes"]}
+    assert ckpt["facts"] == {"global_batch": 32, "processes": 1, "train_images": 256, "classes": ckpt["classes"],
+                             "train_data": content_id(fashion_mnist(FMNIST, "train")),
+                             "val_data": content_id(fashion_mnist(FMNIST, "test"))}
+    assert ckpt["facts"]["train_data"] != ckpt["facts"]["val_data"]
     ckpt["facts"]["processes"], ckpt["rng"] = 2, ckpt["rng"] * 2  # as if two processes had written it
     ck.atomic_save(ckpt, last)
     with pytest.raises(UserError, match=r"run\.processes \(2 in the checkpoint, 1 now\)"):
@@ -145,7 +148,7 @@ def test_a_checkpoint_from_before_facts_were_recorded_is_checked_on_what_it_show
 
     cfg = compose_train(["debug=fast", "hydra.run.dir=/tmp/unused"])
     old = {"config": OmegaConf.to_yaml(cfg, resolve=True), "rng": [{}, {}]}  # two processes, no facts
-    now = fingerprint(cfg, run_facts(32, 1, 256, ["a"]))
+    now = fingerprint(cfg, run_facts(32, 1, 256, ["a"], ("train id", "val id")))
     with pytest.raises(UserError, match=r"in 1 key\(s\): run\.processes \(2 in the checkpoint, 1 now\)"):
         check_resume("old.pt", old, now)
     check_resume("old.pt", {**old, "rng": [{}]}, now)  # the same process count: nothing else to compare

@@ -523,3 +523,72 @@ def test_pack_writes_shuffled_resized_shards_that_the_stream_reader_trains_on(wr
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
     bad = run_cli("-m shd_vision.data.pack", *args[:-3], f"pack.out={tmp_path}/other", "pack.quality=0")
     assert bad.returncode == 2 and "pack.quality=0 is out of range" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def altered_digits(split, n, digits=digit_images):
+    """The digits with one marker pixel changed in the image a folder lists first (lowest class,
+    then name): a file the content id reads."""
+    out = digits(split, n)
+    first = min(range(n), key=lambda i: (str(out[i][1]), out[i][0]))
+    rgb = np.array(Image.open(io.BytesIO(out[first][2])))
+    rgb[0, 1] = (255, 255, 255)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    out[first] = (out[first][0], out[first][1], buf.getvalue())
+    return out
+
+
+@pytest.mark.parametrize("name", list(READERS))
+def test_a_moved_copy_keeps_the_content_id_and_one_changed_image_changes_it(written, tmp_path, name, monkeypatch):
+    """What a resume and a teacher cache compare (run.train_data): a moved data.root is the same
+    data; the same names and labels with one image re-encoded are not."""
+    import shutil
+    import sys
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    def ids(root):
+        cfg = reader_cfg(written, name)
+        if name == "hfds":
+            cfg.name, cfg.root = f"hfds/{root}", str(tmp_path / f"cache-{root.name}")
+        else:
+            cfg.root = str(root)
+        train, val, _ = open_splits(cfg)
+        return datasets.content_id(train), datasets.content_id(val)
+
+    here = ids(written / name)
+    assert here[0] != here[1] and len(here[0]) == 16
+    shutil.copytree(written / name, tmp_path / "moved")
+    assert ids(tmp_path / "moved") == here
+    monkeypatch.setattr(sys.modules[__name__], "digit_images", altered_digits)  # the first image of each split
+    READERS[name][0](tmp_path / "altered")
+    altered = ids(tmp_path / "altered")
+    assert altered[0] != here[0] and altered[1] != here[1]
+
+
+def test_a_resume_on_other_images_is_refused_and_on_a_moved_copy_continues(written, tmp_path, monkeypatch):
+    """The same names, labels and count are not enough: a data.root whose images differ is
+    another run (run.train_data), named in the refusal; the same files elsewhere resume."""
+    import shutil
+    import sys
+
+    from conftest import compose
+    from shd_vision.engine.train import train
+    from shd_vision.errors import UserError
+
+    shutil.copytree(written / "folder", tmp_path / "moved")
+    monkeypatch.setattr(sys.modules[__name__], "digit_images", altered_digits)
+    write_folder(tmp_path / "altered")
+
+    def run(root, steps):
+        return train(compose(tmp_path, "data=imagefolder", "data.val_split=validation", f"data.root={root}",
+                             "model=vit_fmnist_student", "data.img_size=16", "model.img_size=16", "kd=none",
+                             "data.batch_size=8", "data.train_size=null", "data.val_size=null",
+                             f"trainer.max_steps={steps}", "trainer.resume=auto"))[0]
+
+    assert run(written / "folder", 2)["steps"] == 2
+    with pytest.raises(UserError) as refused:
+        run(tmp_path / "altered", 4)
+    said = " ".join(str(refused.value).split())
+    assert "in 2 key(s): run.train_data (" in said and "run.val_data (" in said
+    assert run(tmp_path / "moved", 4)["steps"] == 4

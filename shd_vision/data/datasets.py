@@ -9,7 +9,10 @@ are already sized and normalised. Each carries ``classes`` (names) and ``channel
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
 import struct
+import tarfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -262,3 +265,69 @@ class SyntheticDataset(Dataset):
     def __getitem__(self, i: int):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         return torch.randn(self.input_size, generator=g), int(self.labels[i])
+
+
+SAMPLED_FILES = 8  # image files of a folder whose bytes go into its content id
+SHARD_ENDS = 1 << 16  # bytes read at each end of a WebDataset shard for its content id
+
+
+def content_id(ds: Dataset) -> str:
+    """What a data set's images and labels are, wherever they lie: a SHA-256 (16 hex digits) that
+    a moved ``data.root`` keeps and another copy of the data (resized, relabelled, a different
+    release) changes. A resume and a teacher cache compare it (``run.train_data``).
+
+    In memory: every pixel and label. A tar archive: every member's name, size and label. A
+    folder: every file's name and label, and the bytes of :data:`SAMPLED_FILES` evenly spaced
+    files (stating a million files would take minutes on a network disk). A Hugging Face
+    dataset: its label column and the image bytes of as many evenly spaced rows. WebDataset
+    shards: their names, sample counts, sizes and first and last :data:`SHARD_ENDS` bytes.
+    Synthetic: its size, classes and seed.
+    """
+    if isinstance(ds, torch.utils.data.Subset):  # data.holdout: the split underneath
+        ds = ds.dataset
+    size = ds.reader.split_info.num_samples if isinstance(ds, IterableImageDataset) else len(ds)
+    h = hashlib.sha256(f"{type(ds).__name__}|{size}|{getattr(ds, 'classes', None)}\n".encode())
+    if isinstance(ds, ArrayDataset):
+        h.update(np.ascontiguousarray(ds.images).tobytes())
+        h.update(ds.labels.tobytes())
+    elif isinstance(ds, SyntheticDataset):
+        h.update(f"seed {ds.seed}".encode())
+    elif isinstance(ds, IterableImageDataset):
+        info = ds.reader.split_info
+        for name, count in zip(info.filenames, info.shard_lengths):
+            path = Path(ds.reader.root) / name
+            size = path.stat().st_size if path.is_file() else None
+            h.update(f"{name}|{count}|{size}\n".encode())
+            if size:
+                with open(path, "rb") as f:
+                    h.update(f.read(SHARD_ENDS))
+                    f.seek(max(size - SHARD_ENDS, 0))
+                    h.update(f.read(SHARD_ENDS))
+    elif isinstance(ds, TimmImages):
+        _timm_reader_content(ds.reader, h)
+    else:
+        raise TypeError(f"content_id: no content identity for {type(ds).__name__}")
+    return h.hexdigest()[:16]
+
+
+def _timm_reader_content(reader, h) -> None:
+    dataset, n = getattr(reader, "dataset", None), len(reader)
+    sampled = sorted({k * (n - 1) // (SAMPLED_FILES - 1) for k in range(SAMPLED_FILES)}) if n else []
+    if dataset is not None:  # Hugging Face: the label column (no image decoded) and sampled rows' bytes
+        if reader.label_key in dataset.column_names:
+            h.update(repr(list(dataset[reader.label_key])).encode())
+        for i in sampled:
+            image = dataset[i][reader.image_key]
+            h.update(image.get("bytes") or Path(image["path"]).read_bytes())
+        return
+    targets = getattr(reader, "targets", None)  # the in-tar reader keeps them apart from its samples
+    for i, sample in enumerate(reader.samples):
+        item, target = sample[0], (targets[i] if targets is not None else sample[1])
+        if isinstance(item, tarfile.TarInfo):
+            h.update(f"{item.name}|{item.size}|{target}\n".encode())
+        else:
+            h.update(f"{os.path.relpath(item, reader.root)}|{target}\n".encode())
+    if n and not isinstance(reader.samples[0][0], tarfile.TarInfo):
+        for i in sampled:
+            with open(reader.samples[i][0], "rb") as f:
+                h.update(f.read())

@@ -75,15 +75,23 @@ def _inside_project(value: Any, root: str) -> Any:
 
 
 def run_facts(global_batch: int, processes: int, train_images: int, classes: List[str],
-              stream_workers: Optional[int] = None) -> Dict[str, Any]:
+              contents: Tuple[str, str], stream_workers: Optional[int] = None) -> Dict[str, Any]:
     """What defines a run beyond its config: the global batch, the process count (each process
     has its own random streams), the data actually found (a moved ``data.root`` must hold the
-    same images and classes) and, for a stream, its loader workers (they split its shards)."""
+    same images and classes: ``contents`` are the train and validation sets'
+    :func:`~shd_vision.data.datasets.content_id`) and, for a stream, its loader workers (they
+    split its shards). A fact a record predates is not compared with it."""
     facts = {"global_batch": global_batch, "processes": processes, "train_images": train_images,
-             "classes": list(classes)}
+             "classes": list(classes), "train_data": contents[0], "val_data": contents[1]}
     if stream_workers is not None:
         facts["stream_workers"] = stream_workers
     return facts
+
+
+def known_to(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> Dict[str, Any]:
+    """``now`` less the facts (``run.*``) that ``recorded`` predates: a record written before a
+    fact was kept is compared on the facts it has."""
+    return {k: v for k, v in now.items() if not k.startswith("run.") or k in recorded}
 
 
 def differences(recorded: Mapping[str, Any], now: Mapping[str, Any], where: str = "the checkpoint") -> List[str]:
@@ -110,8 +118,7 @@ def check_resume(path: Path, ckpt: Mapping[str, Any], now: Mapping[str, Any]) ->
     """
     # checkpoints written before they recorded their facts still show their process count
     recorded = fingerprint(OmegaConf.create(ckpt["config"]), ckpt.get("facts") or {"processes": len(ckpt["rng"])})
-    now = {k: v for k, v in now.items() if not k.startswith("run.") or k in recorded}
-    diff = differences(recorded, now)
+    diff = differences(recorded, known_to(recorded, now))
     if diff:
         raise UserError(
             f"trainer.resume: {path} belongs to a run defined differently from this one, in "
@@ -181,8 +188,7 @@ def finished_record(cfg: DictConfig, run_dir: Path, now: Mapping[str, Any]) -> O
     if summary.get("status") != "finished":
         return None
     recorded = fingerprint(OmegaConf.load(config_file), summary.get("facts") or {})
-    diff = differences(recorded, {k: v for k, v in now.items() if not k.startswith("run.") or k in recorded},
-                       where="the record")
+    diff = differences(recorded, known_to(recorded, now), where="the record")
     if diff:
         raise UserError(
             f"trainer.resume=auto: {run_dir} holds a finished run without checkpoints, defined "

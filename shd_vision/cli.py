@@ -6,9 +6,11 @@ line or the config files is reported in about a second."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import textwrap
 import traceback
+from pathlib import Path
 from typing import Any, Callable, List, NoReturn, Tuple
 
 from hydra.core.hydra_config import HydraConfig
@@ -68,12 +70,28 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         traceback.print_exc()
         message, user = f"{type(e).__name__}: {e}", False
     if not job:
+        _drop_refused_run_dir()
         fail(message)
     message = message.partition(COMMAND)[0]  # a single run's continue command: the sweep prints its own
     sys.stderr.write(textwrap.fill(f"error in sweep {job}: {' '.join(message.split())}", width=100,
                                    break_on_hyphens=False, break_long_words=False) + "\n")
     _failed_jobs.append((job, _one_line(message), user))
     raise JobFailed(f"{job}: {message}")
+
+
+def _drop_refused_run_dir() -> None:
+    """Remove the directory Hydra made for a run that was refused before it wrote anything (an
+    empty log, and a lock this process took), so that mistakes leave no empty runs behind. A
+    directory with any record in it, or another process's lock, is kept as it is."""
+    if not HydraConfig.initialized():
+        return
+    out = Path(HydraConfig.get().runtime.output_dir)
+    lock = out / ".lock"
+    if lock.is_file() and not lock.read_text().startswith(f"pid {os.getpid()} "):
+        return
+    files = [p for p in out.rglob("*") if p != lock]
+    if out.is_dir() and all(p.is_file() and p.stat().st_size == 0 for p in files):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _job_name() -> str:

@@ -71,22 +71,27 @@ def outcomes(tmp_path_factory, teacher_ckpt):
 
     def run(name):
         args, expected = cases[name]
-        return name, expected, run_cli("train.py", *debug_args(tmp_path_factory.mktemp("run"), *args))
+        tmp = tmp_path_factory.mktemp("run")
+        return name, expected, run_cli("train.py", *debug_args(tmp, *args)), tmp / "run"
 
     with ThreadPoolExecutor(3) as pool:
-        return {name: (expected, result) for name, expected, result in pool.map(run, NAMES)}
+        return {name: (expected, result, run_dir) for name, expected, result, run_dir in pool.map(run, NAMES)}
 
 
 @pytest.mark.parametrize("case", NAMES)
 def test_bad_input_exits_2_with_one_paragraph(case, outcomes):
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    expected, result = outcomes[case]
+    expected, result, run_dir = outcomes[case]
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert paragraph(result.stderr).startswith("error: ")
     assert expected in paragraph(result.stderr)
     assert "\n\n" not in result.stderr.strip()
+    if case == "shd on a cnn":  # refused after the log recorded the debug teacher's warning: kept
+        assert "RANDOMLY INITIALISED TEACHER" in (run_dir / "train.log").read_text()
+    else:  # refused before anything was written: no empty run directory is left behind
+        assert not run_dir.exists(), sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
 
 
 @pytest.mark.parametrize("script,value", [("train.py", "optim.lr=-1"), ("eval.py", "trainer.precision=16")])

@@ -321,12 +321,14 @@ def _timm_reader_content(reader, h) -> None:
             h.update(image.get("bytes") or Path(image["path"]).read_bytes())
         return
     targets = getattr(reader, "targets", None)  # the in-tar reader keeps them apart from its samples
+    prefix = os.path.join(str(reader.root), "")  # stripped, not os.path.relpath: 0.4 s for ImageNet, not 5
     for i, sample in enumerate(reader.samples):
         item, target = sample[0], (targets[i] if targets is not None else sample[1])
         if isinstance(item, tarfile.TarInfo):
             h.update(f"{item.name}|{item.size}|{target}\n".encode())
         else:
-            h.update(f"{os.path.relpath(item, reader.root)}|{target}\n".encode())
+            name = item[len(prefix):] if item.startswith(prefix) else os.path.relpath(item, reader.root)
+            h.update(f"{name}|{target}\n".encode())
     if n and not isinstance(reader.samples[0][0], tarfile.TarInfo):
         for i in sampled:
             with open(reader.samples[i][0], "rb") as f:

@@ -136,9 +136,9 @@ def fingerprint(cfg: DictConfig, data_config: Mapping[str, Any], facts: Mapping[
     return keys
 
 
-def _validation_keys(cfg: DictConfig) -> Dict[str, Any]:
+def _validation_keys(cfg: DictConfig, facts: Mapping[str, Any]) -> Dict[str, Any]:
     """What the teacher's validation top-1 recorded in a cache was measured on."""
-    return {k: cfg.data[k.split(".")[1]] for k in VALIDATION}
+    return {**{k: cfg.data[k.split(".")[1]] for k in VALIDATION}, "run.val_data": facts["val_data"]}
 
 
 def plan_id(header: Mapping[str, Any]) -> str:
@@ -297,7 +297,7 @@ def open_cache(cfg: DictConfig, data_config: Mapping[str, Any], facts: Mapping[s
                         f"trainer.epochs={epochs} cache.resume=auto, or train fewer epochs.")
     teacher = CachedTeacher(cache_dir, header, rank, device)
     val = header.get("validation", {})
-    teacher.val_top1 = val.get("top1") if val.get("keys") == _validation_keys(cfg) else None
+    teacher.val_top1 = val.get("top1") if val.get("keys") == _validation_keys(cfg, facts) else None
     return teacher
 
 
@@ -353,10 +353,10 @@ class _Writer:
                             "of an epoch; lower it or use more data.")
         self.batches = updates * tr.accumulate  # what an epoch of training reads
         self.epochs = min(tr.epochs, math.ceil(tr.max_steps / updates)) if tr.max_steps else tr.epochs
-        facts = identity.run_facts(cfg.data.batch_size * self.processes * tr.accumulate, self.processes,
-                                   first.train_images, self.classes, (content_id(splits[0]), content_id(splits[1])))
+        self.facts = identity.run_facts(cfg.data.batch_size * self.processes * tr.accumulate, self.processes,
+                                        first.train_images, self.classes, (content_id(splits[0]), content_id(splits[1])))
         self.header = {
-            "format": FORMAT, "fingerprint": fingerprint(cfg, self.data_config, facts),
+            "format": FORMAT, "fingerprint": fingerprint(cfg, self.data_config, self.facts),
             "top_k": self.opts.top_k, "dtype": self.opts.dtype, "epochs": self.epochs,
             "batches_per_epoch": self.batches, "batch_size": cfg.data.batch_size, "processes": self.processes,
             "teacher": f"{describe(model)}, weights: {self.source}",
@@ -380,19 +380,23 @@ class _Writer:
         return self._summary(self._progress.seconds, self._progress.rows)
 
     def _claim(self) -> None:
-        """Check an existing cache in the directory against this one; write the header."""
+        """Check an existing cache in the directory against this one; write the header. A cache
+        written before a fact was kept keeps its fingerprint, so its parts keep their plan."""
         problem = None
         if self.rt.is_main:
             found = _read_json(self.dir / HEADER)
             try:
                 problem = self._refusal(found)
+                if problem is None and found:
+                    self.header["fingerprint"] = identity.known_to(found["fingerprint"], self.header["fingerprint"])
                 if problem is None:
                     epochs = max(self.epochs, found["epochs"]) if found else self.epochs  # parts beyond stay usable
                     _write_json({**self.header, "epochs": epochs, "validation": self._validation(found)},
                                 self.dir / HEADER)
             except UserError as e:  # a teacher below its floor: every process stops, none waits
                 problem = str(e)
-        problem = runtime.broadcast(problem, self.rt)
+        problem, self.header["fingerprint"] = runtime.broadcast((problem, self.header["fingerprint"]), self.rt)
+        self.plan = plan_id(self.header)
         if problem:
             raise UserError(problem)
 
@@ -420,7 +424,7 @@ class _Writer:
     def _validation(self, found: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         """The teacher's top-1 on this run's validation images (its floor checked), kept from a
         cache being completed when measured on the same images."""
-        keys = _validation_keys(self.cfg)
+        keys = _validation_keys(self.cfg, self.facts)
         if found and found.get("validation", {}).get("keys") == keys:
             return found["validation"]
         val = build_val_loader(self.cfg.data, self.val, self.data_config, 0, 1)

@@ -6,7 +6,9 @@ line or the config files is reported in about a second."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import sys
 import textwrap
 import traceback
@@ -21,6 +23,7 @@ from omegaconf import DictConfig
 from shd_vision.config import check_config  # importing it registers the schemas and resolvers Hydra composes with
 from shd_vision.errors import COMMAND, UnreadableImage, UserError, unreadable_message
 
+OWN_STAMP = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_(\d+)")  # config.run_stamp's: time, then pid
 _task_started = False
 _sweep_jobs: List[str] = []  # "job N (overrides)" of every sweep job this process ran
 _failed_jobs: List[Tuple[str, str, bool]] = []  # (job, one-line reason, whether it was the user's mistake)
@@ -70,7 +73,7 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         traceback.print_exc()
         message, user = f"{type(e).__name__}: {e}", False
     if not job:
-        _drop_refused_run_dir()
+        _drop_refused_run_dir(cfg)
         fail(message)
     message = message.partition(COMMAND)[0]  # a single run's continue command: the sweep prints its own
     sys.stderr.write(textwrap.fill(f"error in sweep {job}: {' '.join(message.split())}", width=100,
@@ -79,19 +82,27 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     raise JobFailed(f"{job}: {message}")
 
 
-def _drop_refused_run_dir() -> None:
-    """Remove the directory Hydra made for a run that was refused before it wrote anything (an
-    empty log, and a lock this process took), so that mistakes leave no empty runs behind. A
-    directory with any record in it, or another process's lock, is kept as it is."""
+def _drop_refused_run_dir(cfg: DictConfig) -> None:
+    """Remove the run directory of a launch refused before it wrote anything, so that mistakes
+    leave no empty runs behind: only a directory named by this process's own time stamp
+    (``run_name`` left to ``run_stamp``), holding nothing but its empty log and this process's
+    lock. Any other directory (one the user named, one with a record) is kept as it is."""
     if not HydraConfig.initialized():
         return
-    out = Path(HydraConfig.get().runtime.output_dir)
-    lock = out / ".lock"
-    if lock.is_file() and not lock.read_text().startswith(f"pid {os.getpid()} "):
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    stamp = OWN_STAMP.fullmatch(out.name)
+    if out.name != str(cfg.get("run_name")) or not stamp or int(stamp.group(1)) != os.getpid():
         return
-    files = [p for p in out.rglob("*") if p != lock]
-    if out.is_dir() and all(p.is_file() and p.stat().st_size == 0 for p in files):
-        shutil.rmtree(out, ignore_errors=True)
+    try:
+        entries = {p.name: p for p in out.iterdir()}
+        lock, log = entries.pop(".lock", None), entries.pop(f"{hc.job.name}.log", None)
+        if entries or (log is not None and log.stat().st_size) or (
+                lock is not None and lock.read_text() != f"pid {os.getpid()} on {socket.gethostname()}\n"):
+            return
+        shutil.rmtree(out)
+    except OSError:  # gone already, or not ours to remove: leave it
+        pass
 
 
 def _job_name() -> str:

@@ -24,6 +24,7 @@ import logging
 import math
 import statistics
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -389,8 +390,11 @@ def trend(keys: List[str], rows: List[Dict[str, Any]], x: str, path: Path, title
         points.sort(key=lambda p: at[p[0]])
         ax.errorbar([at[p[0]] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
                     marker="o", capsize=3, color=colours[i % 10], label=label)
+    if all(_number(v) and v > 0 for v in at) and max(at) >= 10 * min(at):  # a sweep's steps (1, 3, 9, 27)
+        ax.set_xscale("log")
+        ax.minorticks_off()
     ax.set_xticks(list(at.values()), [str(v) for v in at])
-    ax.set(xlabel=x_label or x, ylabel=f"{y_label} (%)\nmean ± std over seeds", title=title)
+    ax.set(xlabel=x_label or x, ylabel="\n".join([*textwrap.wrap(f"{y_label} (%)", 44), "mean ± std over seeds"]), title=title)
     return _save(fig, (ax,), path, legend_size=8)
 
 

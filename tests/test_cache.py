@@ -200,6 +200,29 @@ def test_a_killed_writer_is_completed_and_a_finished_cache_never_overwritten(tmp
     assert json.loads((tmp_path / "cache" / "summary.json").read_text())["parts"] == 2
 
 
+def test_a_cache_from_before_the_data_content_ids_is_completed_without_rewriting_its_parts(tmp_path):
+    """A cache.json whose fingerprint predates run.train_data (and parts whose records name that
+    plan): cache.resume=auto writes only the missing part, keeps the old fingerprint, and a run
+    trains from it."""
+    from shd_vision.cache import plan_id
+
+    run = [*PLAN, "data.num_workers=0", "kd=logit"]
+    write(tmp_path, *run, "cache.top_k=2")
+    cache = tmp_path / "cache"
+    header = json.loads((cache / "cache.json").read_text())
+    del header["fingerprint"]["run.train_data"]
+    old = plan_id(header)
+    (cache / "cache.json").write_text(json.dumps(header))
+    for record in cache.glob("epoch-*.json"):
+        record.write_text(json.dumps(json.loads(record.read_text()) | {"plan": old}))
+    kept = (cache / "epoch-0000.rank-0.pt").stat().st_mtime_ns
+    (cache / "epoch-0001.rank-0.json").unlink()  # as if killed before its record
+    summary = write(tmp_path, *run, "cache.top_k=2", "cache.resume=auto")
+    assert summary["rows_written"] == 8 * 32 and (cache / "epoch-0000.rank-0.pt").stat().st_mtime_ns == kept
+    assert "run.train_data" not in json.loads((cache / "cache.json").read_text())["fingerprint"]
+    assert train(compose(tmp_path, *run, f"teacher.cache={cache}"))[0]["status"] == "finished"
+
+
 def test_parts_are_only_ever_read_as_the_cache_they_were_written_for(tmp_path):
     """A cache whose cache.json is lost is not adopted by a writer of another plan, and a part
     moved into another cache is refused by the run, not replayed."""

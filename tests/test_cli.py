@@ -69,10 +69,10 @@ def outcomes(tmp_path_factory, teacher_ckpt):
     cases = bad_input_cases(tmp_path_factory.mktemp("bad"), teacher_ckpt)
     assert list(cases) == NAMES
 
-    def run(name):
+    def run(name):  # in the default run directory, named by the launch's time stamp
         args, expected = cases[name]
-        tmp = tmp_path_factory.mktemp("run")
-        return name, expected, run_cli("train.py", *debug_args(tmp, *args)), tmp / "run"
+        logs = tmp_path_factory.mktemp("run") / "logs"
+        return name, expected, run_cli("train.py", "debug=fast", f"paths.log_dir={logs}", *args), logs / "train/runs"
 
     with ThreadPoolExecutor(3) as pool:
         return {name: (expected, result, run_dir) for name, expected, result, run_dir in pool.map(run, NAMES)}
@@ -82,16 +82,29 @@ def outcomes(tmp_path_factory, teacher_ckpt):
 def test_bad_input_exits_2_with_one_paragraph(case, outcomes):
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    expected, result, run_dir = outcomes[case]
+    expected, result, runs = outcomes[case]
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert paragraph(result.stderr).startswith("error: ")
     assert expected in paragraph(result.stderr)
     assert "\n\n" not in result.stderr.strip()
+    left = sorted(runs.glob("*")) if runs.is_dir() else []
     if case == "shd on a cnn":  # refused after the log recorded the debug teacher's warning: kept
-        assert "RANDOMLY INITIALISED TEACHER" in (run_dir / "train.log").read_text()
-    else:  # refused before anything was written: no empty run directory is left behind
-        assert not run_dir.exists(), sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+        assert len(left) == 1 and "RANDOMLY INITIALISED TEACHER" in (left[0] / "train.log").read_text()
+    elif case != "unwritable":  # refused before anything was written: no empty run directory is left behind
+        assert left == [], sorted(str(p.relative_to(runs)) for p in runs.rglob("*"))
+
+
+def test_a_refused_launch_keeps_a_run_directory_it_did_not_name(tmp_path):
+    """Only a directory named by the launch's own time stamp is removed: a run_name the user
+    chose, or a directory that existed before (with files of its own), stays as it was."""
+    named = run_cli("train.py", f"paths.log_dir={tmp_path}", "run_name=mine", "optim.lr=-1")
+    assert named.returncode == 2 and (tmp_path / "train/runs/mine").is_dir()
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / ".gitkeep").touch()
+    again = run_cli("train.py", f"paths.log_dir={tmp_path}", f"hydra.run.dir={made}", "optim.lr=-1")
+    assert again.returncode == 2 and (made / ".gitkeep").is_file()
 
 
 @pytest.mark.parametrize("script,value", [("train.py", "optim.lr=-1"), ("eval.py", "trainer.precision=16")])

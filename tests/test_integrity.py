@@ -152,6 +152,10 @@ def test_a_checkpoint_from_before_facts_were_recorded_is_checked_on_what_it_show
     with pytest.raises(UserError, match=r"in 1 key\(s\): run\.processes \(2 in the checkpoint, 1 now\)"):
         check_resume("old.pt", old, now)
     check_resume("old.pt", {**old, "rng": [{}]}, now)  # the same process count: nothing else to compare
+    facts = {"global_batch": 32, "processes": 1, "train_images": 256, "classes": ["a"]}  # before the content ids
+    check_resume("old.pt", {**old, "rng": [{}], "facts": facts}, now)
+    with pytest.raises(UserError, match=r"in 1 key\(s\): run\.train_data \(other id in the checkpoint, train id now\)"):
+        check_resume("new.pt", {**old, "facts": facts | {"train_data": "other id", "val_data": "val id"}}, now)
 
 
 def test_a_run_from_another_clone_of_the_project_is_the_same_run():

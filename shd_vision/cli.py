@@ -18,7 +18,7 @@ from typing import Any, Callable, List, NoReturn, Tuple
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import MissingConfigException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from shd_vision.config import check_config  # importing it registers the schemas and resolvers Hydra composes with
 from shd_vision.errors import COMMAND, UnreadableImage, UserError, unreadable_message
@@ -60,6 +60,7 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         _sweep_jobs.append(job)
         _continue = continue_command(cfg.run_name)
     try:
+        _check_given(cfg)
         check_config(cfg)  # before the task imports torch and timm: a value out of range is told at once
         return task(cfg)
     except UnreadableImage as e:  # outside training (eval.py); a worker's copy carries its traceback
@@ -80,6 +81,23 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
                                    break_on_hyphens=False, break_long_words=False) + "\n")
     _failed_jobs.append((job, _one_line(message), user))
     raise JobFailed(f"{job}: {message}")
+
+
+def _check_given(cfg: DictConfig) -> None:
+    """A required value (``???`` in conf/, e.g. eval.py's ``ckpt``) left out of the command."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"{', '.join(missing)} must be given: add {' '.join(k + '=...' for k in missing)} to the "
+                        f"command ({_program()} --help lists every option).")
+
+
+def _program() -> str:
+    """How this program was started: ``python train.py`` or ``python -m shd_vision.viz``."""
+    path, package = Path(sys.argv[0]).resolve(), Path(__file__).resolve().parent
+    if package not in path.parents:
+        return f"python {path.name}"
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return "python -m " + ".".join(parts[:-1] if parts[-1] == "__main__" else parts)
 
 
 def _drop_refused_run_dir(cfg: DictConfig) -> None:

@@ -119,6 +119,15 @@ def test_a_value_out_of_range_is_told_before_torch_loads(script, value, tmp_path
     assert "hydra" in imported and "torch" not in imported and "timm" not in imported
 
 
+@pytest.mark.parametrize("script,key", [("eval.py", "ckpt"), ("-m shd_vision.viz", "ckpt"),
+                                        ("-m shd_vision.report", "dir")])
+def test_a_required_value_left_out_is_named_with_the_command_that_lists_the_options(script, key, tmp_path):
+    result = run_cli(script, f"paths.log_dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert paragraph(result.stderr) == f"error: {key} must be given: add {key}=... to the command (python {script} --help lists every option)."
+    assert not any(tmp_path.rglob("*.log"))  # and no empty run directory is left
+
+
 def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     result = run_cli("eval.py", f"ckpt={tmp_path}/notes.txt", f"paths.log_dir={tmp_path}/logs")

@@ -38,6 +38,8 @@ def bad_input_cases(tmp, teacher_ckpt):
         "batch size": (["data.batch_size=0"], "data.batch_size=0 is out of range"),
         "negative weight": (["kd.terms.logit.weight=-1"], "kd.terms.logit.weight=-1.0 is out of range"),
         "no positive weight": (["kd=none", "kd.terms.ce.weight=0"], "kd=none has no term with a weight above 0"),
+        "head divisor": (["model.num_heads=5"], "rejected the settings of model (img_size=28, patch_size=4, in_chans=1, "
+                         "embed_dim=48, depth=4, num_heads=5, num_classes=10): dim should be divisible by num_heads"),
         "head count": (["kd=shd", f"teacher.checkpoint={teacher_ckpt}", "model.num_heads=8"],
                        "SHD cannot map 6 teacher heads to 8 student heads"),
         "layer pair": (["kd=shd", "kd.terms.shd.layers=[[0,9]]"],
@@ -59,7 +61,7 @@ def bad_input_cases(tmp, teacher_ckpt):
 NAMES = ["unknown model", "unknown config", "data.root missing", "data.root malformed", "fashion-mnist missing",
          "teacher missing", "teacher corrupt", "teacher classes", "lr", "lr type", "epochs", "temperature",
          "cuda", "unwritable", "unknown term", "unknown term key", "unknown study row", "batch size",
-         "negative weight", "no positive weight", "head count", "layer pair", "layer mapping", "merge",
+         "negative weight", "no positive weight", "head divisor", "head count", "layer pair", "layer mapping", "merge",
          "shd on a cnn", "deit without token", "adkd view", "resume missing", "resume corrupt", "resume other run", "affine"]
 
 

@@ -67,9 +67,10 @@ def build(spec: Mapping | DictConfig, num_classes: Optional[int], key: str, pret
         kwargs["num_classes"] = num_classes
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        raise UserError(f"timm.create_model('{name}') rejected the extra keys of {key} "
-                        f"({', '.join(f'{k}={v}' for k, v in kwargs.items())}): {e}.") from None
+    except (TypeError, ValueError, AssertionError) as e:  # an unknown key, or values that do not fit (asserts)
+        raise UserError(f"timm.create_model('{name}') rejected the settings of {key} "
+                        f"({', '.join(f'{k}={v}' for k, v in kwargs.items())}): {e or type(e).__name__}. "
+                        f"Change or remove the offending {key}.* value.") from None
     except Exception as e:  # the hub download: network, missing weights, auth, disk
         if not pretrained:
             raise

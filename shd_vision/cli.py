@@ -152,8 +152,12 @@ def _describe(e: BaseException) -> str:
         group, _, name = e.missing_cfg_file.rpartition("/")
         return (f"{group}={name}: there is no conf/{group}/{name}.yaml; available: "
                 f"{', '.join(sorted(e.options))}.")
-    parts = [str(e)] + ([str(e.__cause__)] if e.__cause__ is not None else [])
-    text = " ".join(" ".join(p.split()) for p in parts if p)
+    head = str(e)
+    if head.startswith("Error merging override "):  # Hydra's wording for a value of the wrong type
+        head = head[len("Error merging override "):] + ":"
+    # omegaconf's cause ends with full_key/reference_type lines that only repeat the key
+    cause = str(e.__cause__).strip().splitlines()[:1] if e.__cause__ is not None else []
+    text = " ".join(" ".join(p.split()) for p in [head, *cause] if p)
     if "Got NoneType" in text:
         text += " (to leave a config group out, write ~group on the command line, e.g. ~teacher)."
     return text

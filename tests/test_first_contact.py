@@ -23,7 +23,7 @@ def finished(result):
 @pytest.mark.slow
 @pytest.mark.parametrize("model,kd", RUNS, ids=[f"model={m},kd={k}" for m, k in RUNS])
 def test_every_student_runs_with_the_default_teacher(model, kd, tmp_path):
-    result = finished(run_cli("train.py", *debug_args(tmp_path, f"model={model}", f"kd={kd}", *SHORT)))
+    finished(run_cli("train.py", *debug_args(tmp_path, f"model={model}", f"kd={kd}", *SHORT)))
     log = (tmp_path / "run/train.log").read_text()
     assert "run summary" in log and (tmp_path / "run/summary.json").is_file()
     assert "teacher vit_tiny_patch16_224 [6 blocks, width 96, 6 heads, patch 4" in log

@@ -14,7 +14,6 @@ from shd_vision.distill.manifold import manifold_relations, random_relation
 from shd_vision.distill.minilm import relation_kl
 from shd_vision.distill.shd import attention_mse, balanced_groups, squeeze_weights
 from shd_vision.errors import UserError
-from shd_vision.models.taps import Capture, Tap
 from shd_vision.models.teacher import Teacher
 
 F64 = torch.float64

@@ -46,6 +46,8 @@ def test_teacher_loads_every_weight_file_layout(tmp_path, layout):
 def test_teacher_checkpoint_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         create_teacher({**TINY, "checkpoint": str(tmp_path / "missing.pt")}, 10, False)
+    with pytest.raises(UserError, match=f"teacher.checkpoint={tmp_path} is a folder without model.safetensors"):
+        create_teacher({**TINY, "checkpoint": str(tmp_path)}, 10, False)  # a folder, not "does not exist"
     (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match="could not be read"):
         create_teacher({**TINY, "checkpoint": str(tmp_path / "bad.pt")}, 10, False)

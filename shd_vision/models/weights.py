@@ -33,7 +33,9 @@ def read_file(path: str | Path, what: str) -> Dict[str, Any]:
     if path.is_dir() and (path / EXPORTED_WEIGHTS).is_file():
         path = path / EXPORTED_WEIGHTS
     if not path.is_file():
-        raise UserError(f"{what}={path} does not exist; give the path of a checkpoint file "
+        found = (f"is a folder without {EXPORTED_WEIGHTS} (an exported student's weights)" if path.is_dir()
+                 else "does not exist")
+        raise UserError(f"{what}={path} {found}; give the path of a checkpoint file "
                         "(.pt or .pth from shd-vision or timm, or .safetensors).")
     try:
         if path.suffix == ".safetensors":

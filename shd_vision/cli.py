@@ -152,6 +152,9 @@ def _describe(e: BaseException) -> str:
         group, _, name = e.missing_cfg_file.rpartition("/")
         return (f"{group}={name}: there is no conf/{group}/{name}.yaml; available: "
                 f"{', '.join(sorted(e.options))}.")
+    unset = re.match(r"While dereferencing interpolation '\$\{(?:oc\.select:)?([\w.]+)[^']*': Incompatible value 'None'", str(e))
+    if unset and getattr(e, "full_key", None) == "hydra.run.dir":  # pack.out: the run writes into it
+        return f"{unset.group(1)} must be given: add {unset.group(1)}=DIR to the command (the folder it writes)."
     head = str(e)
     if head.startswith("Error merging override "):  # Hydra's wording for a value of the wrong type
         head = head[len("Error merging override "):] + ":"

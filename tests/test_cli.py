@@ -131,6 +131,13 @@ def test_a_required_value_left_out_is_named_with_the_command_that_lists_the_opti
     assert not any(tmp_path.rglob("*.log"))  # and no empty run directory is left
 
 
+def test_pack_without_its_output_folder_names_it(tmp_path):
+    """pack.out is also the run directory: Hydra met it unset before the task could say so."""
+    result = run_cli("-m shd_vision.data.pack", f"paths.log_dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert paragraph(result.stderr) == "error: pack.out must be given: add pack.out=DIR to the command (the folder it writes)."
+
+
 def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     result = run_cli("eval.py", f"ckpt={tmp_path}/notes.txt", f"paths.log_dir={tmp_path}/logs")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from shd_vision.errors import UserError
-from shd_vision.models.factory import build, check_model_name, create_teacher
+from shd_vision.models.factory import build, check_model_name, create_teacher, load_weights
 from shd_vision.models.teacher import Teacher
 
 TINY = {"name": "vit_tiny_patch16_224", "img_size": 28, "patch_size": 4, "in_chans": 1,
@@ -101,3 +101,15 @@ def test_channel_counts_a_teacher_cannot_bridge_are_named():
     model = build(TINY, 10, "teacher")
     with pytest.raises(UserError, match="1-channel images and the student 4-channel"):
         Teacher(model, ((0.5,), (0.5,)), {"input_size": (4, 28, 28), "mean": (0.5,) * 4, "std": (0.5,) * 4})
+
+
+def test_weights_of_another_width_are_a_user_error_naming_the_shapes(tmp_path):
+    """PyTorch raises on a shape even with strict=False: eval.py ckpt=... model=<wider> was a traceback."""
+    torch.save({"model": build(TINY, 10, "model").state_dict()}, tmp_path / "narrow.pt")
+    wide = build({**TINY, "embed_dim": 2 * TINY["embed_dim"]}, 10, "model")
+    with pytest.raises(UserError) as e:
+        load_weights(wide, tmp_path / "narrow.pt", "ckpt")
+    said = " ".join(str(e.value).split())
+    d = TINY["embed_dim"]
+    assert said.startswith(f"ckpt={tmp_path / 'narrow.pt'} does not fit model.name=vit_tiny_patch16_224 (wrong shape: ")
+    assert f"cls_token [1, 1, {d}] in the file, [1, 1, {2 * d}] in the model" in said

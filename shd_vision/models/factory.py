@@ -80,12 +80,17 @@ def build(spec: Mapping | DictConfig, num_classes: Optional[int], key: str, pret
 
 
 def load_weights(model: nn.Module, path: str | Path, key: str, use_ema: bool = False) -> Dict[str, Any]:
-    """Load a weights file into ``model`` strictly, checking the class count first.
+    """Load a weights file into ``model`` strictly, checking the class count and every tensor's
+    name and shape first (PyTorch would raise on a shape even with ``strict=False``).
+
+    Args:
+        key: the config key of the model, ``model`` or ``teacher``; ``ckpt`` for eval.py's file,
+            which goes into ``model``.
 
     Returns:
         The loaded file's dict (our checkpoints carry their config and data settings in it).
     """
-    what = f"{key}.checkpoint"
+    what, model_key = ("ckpt", "model") if key == "ckpt" else (f"{key}.checkpoint", key)
     obj = read_file(path, what)
     state = state_dict_of(obj, use_ema, f"{what}={path}")
     heads = model.pretrained_cfg.get("classifier", "head")
@@ -94,17 +99,17 @@ def load_weights(model: nn.Module, path: str | Path, key: str, use_ema: bool = F
     if expected is not None and state[head].shape[0] != expected:
         raise UserError(f"{what}={path} was trained for {state[head].shape[0]} classes but the data "
                         f"has {expected}; use a checkpoint trained on this data set.")
-    result = model.load_state_dict(state, strict=False)
-    shape_errors = [k for k, v in state.items()
-                    if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
-    if result.missing_keys or result.unexpected_keys or shape_errors:
-        parts = [f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
-                 for label, keys in (("missing", result.missing_keys),
-                                     ("unexpected", result.unexpected_keys),
-                                     ("wrong shape", shape_errors)) if keys]
-        raise UserError(f"{what}={path} does not fit {key}.name={model.pretrained_cfg.get('architecture')} "
-                        f"({'; '.join(parts)}); check that {key} describes the model the file was "
+    own = model.state_dict()
+    wrong = {"missing": [k for k in own if k not in state], "unexpected": [k for k in state if k not in own],
+             "wrong shape": [f"{k} {list(v.shape)} in the file, {list(own[k].shape)} in the model"
+                             for k, v in state.items() if k in own and own[k].shape != v.shape]}
+    if any(wrong.values()):
+        parts = [f"{label}: {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+                 for label, keys in wrong.items() if keys]
+        raise UserError(f"{what}={path} does not fit {model_key}.name={model.pretrained_cfg.get('architecture')} "
+                        f"({'; '.join(parts)}); check that {model_key} describes the model the file was "
                         "saved from, including its architecture overrides.")
+    model.load_state_dict(state)
     return obj
 
 

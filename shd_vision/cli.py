@@ -152,6 +152,12 @@ def _describe(e: BaseException) -> str:
         group, _, name = e.missing_cfg_file.rpartition("/")
         return (f"{group}={name}: there is no conf/{group}/{name}.yaml; available: "
                 f"{', '.join(sorted(e.options))}.")
+    if isinstance(e, AssertionError) and "Unexpected type for root: NoneType" in str(e):  # a key below a null group
+        override = next((a for a in sys.argv[1:] if re.match(r"(data|model|teacher)\.", a)), "data.<key>=...")
+        group = override.split(".")[0]
+        return (f"{override}: {group} is not set by this command, so it has no keys to change ({_program()} "
+                f"takes {group} from the checkpoint, or from {group}=<config>). Name the config too, e.g. "
+                f"{group}=<name> {override}; conf/{group}/ lists the names.")
     unset = re.match(r"While dereferencing interpolation '\$\{(?:oc\.select:)?([\w.]+)[^']*': Incompatible value 'None'", str(e))
     if unset and getattr(e, "full_key", None) == "hydra.run.dir":  # pack.out: the run writes into it
         return f"{unset.group(1)} must be given: add {unset.group(1)}=DIR to the command (the folder it writes)."

@@ -138,6 +138,15 @@ def test_pack_without_its_output_folder_names_it(tmp_path):
     assert paragraph(result.stderr) == "error: pack.out must be given: add pack.out=DIR to the command (the folder it writes)."
 
 
+def test_a_data_value_without_a_data_config_says_to_name_one(tmp_path, teacher_ckpt):
+    """eval.py takes data from the checkpoint: data.val_size=100 alone met a null group (Hydra's
+    'Unexpected type for root: NoneType')."""
+    result = run_cli("eval.py", f"ckpt={teacher_ckpt}", "data.val_size=100", f"paths.log_dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert paragraph(result.stderr).startswith("error: data.val_size=100: data is not set by this command")
+    assert "data=<name> data.val_size=100" in paragraph(result.stderr)
+
+
 def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     result = run_cli("eval.py", f"ckpt={tmp_path}/notes.txt", f"paths.log_dir={tmp_path}/logs")

@@ -274,6 +274,10 @@ def extension(keys: List[str], rows: List[Dict[str, Any]], extendable: List[str]
     values of the keys after it). Empty when every chosen value of ``extendable`` is interior."""
     edges = edge_optima(keys, rows)
     factors = dict(_step(item) for item in extendable)
+    unknown = [k for k in factors if k not in keys]
+    if unknown:  # a misspelt key would silently leave its edge unextended
+        raise UserError(f"extend=[{','.join(extendable)}]: {', '.join(unknown)} is not one of the table's keys "
+                        f"(by=...): {', '.join(keys)}.")
     old = {k: _ordered({r[k] for r in rows}) for k in keys}
     new = {k: [_beyond(edges[k][0], edges[k][1], factors[k])] for k in keys if k in edges and k in factors}
     lines = []

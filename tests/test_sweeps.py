@@ -199,6 +199,8 @@ def test_a_count_steps_by_its_own_factor_and_a_bad_factor_is_refused_before_writ
     assert result.returncode == 2
     assert f"extend=[{TAU}:1]: the step factor after ':' is '1'; give a number above 1" in paragraph(result.stderr)
     assert not (tmp_path / "runs/results.md").exists() and not (tmp_path / "runs/extend.txt").exists()
+    with pytest.raises(UserError, match=rf"extend=\[{TAU}:2,kd.terms.shd.wieght\]: kd.terms.shd.wieght is not one"):
+        extension(keys, rows, [f"{TAU}:2", "kd.terms.shd.wieght"])  # misspelt: its edge would stay unextended
 
 
 def test_a_sweep_around_a_choice_takes_one_step_either_side_of_each_extendable_key():

@@ -167,6 +167,8 @@ def _describe(e: BaseException) -> str:
     # omegaconf's cause ends with full_key/reference_type lines that only repeat the key
     cause = str(e.__cause__).strip().splitlines()[:1] if e.__cause__ is not None else []
     text = " ".join(" ".join(p.split()) for p in [head, *cause] if p)
+    if "is not a ListConfig" in text:  # by=kd.name for by=[kd.name]
+        text += " Write a list in brackets, e.g. " + head.rstrip(":").replace("=", "=[", 1) + "]."
     if "Got NoneType" in text:
         text += " (to leave a config group out, write ~group on the command line, e.g. ~teacher)."
     return text

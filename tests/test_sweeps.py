@@ -91,6 +91,11 @@ def test_last_quarter_gain_reads_the_validation_curve():
     assert last_quarter_gain(Run(Path("."), {}, {}, records[:3])) is None
 
 
+def test_a_list_given_without_brackets_is_told_how_to_write_it(tmp_path):
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path}", "by=kd.name")
+    assert result.returncode == 2 and paragraph(result.stderr).endswith("Write a list in brackets, e.g. by=[kd.name].")
+
+
 def test_report_of_a_folder_without_runs_is_a_user_error(tmp_path):
     result = run_cli("-m shd_vision.report", f"dir={tmp_path}")
     assert result.returncode == 2 and "holds no finished run" in paragraph(result.stderr)

@@ -37,8 +37,8 @@ from torch.utils.data import IterableDataset
 
 from shd_vision import cli
 from shd_vision.config import check_config
-from shd_vision.data.datasets import content_id
-from shd_vision.data.loaders import build_data, build_val_loader, open_splits, random_labels, resolve_input
+from shd_vision.data.loaders import (build_data, build_val_loader, content_ids, open_splits, random_labels,
+                                     resolve_input)
 from shd_vision.distill.base import METHODS
 from shd_vision.engine import identity, runtime
 from shd_vision.engine.checkpoint import atomic_save
@@ -354,7 +354,7 @@ class _Writer:
         self.batches = updates * tr.accumulate  # what an epoch of training reads
         self.epochs = min(tr.epochs, math.ceil(tr.max_steps / updates)) if tr.max_steps else tr.epochs
         self.facts = identity.run_facts(cfg.data.batch_size * self.processes * tr.accumulate, self.processes,
-                                        first.train_images, self.classes, (content_id(splits[0]), content_id(splits[1])))
+                                        first.train_images, self.classes, content_ids(cfg.data, splits))
         self.header = {
             "format": FORMAT, "fingerprint": fingerprint(cfg, self.data_config, self.facts),
             "top_k": self.opts.top_k, "dtype": self.opts.dtype, "epochs": self.epochs,

@@ -280,9 +280,8 @@ def content_id(ds: Dataset) -> str:
     the bytes of :data:`SAMPLED_FILES` evenly spaced members. A folder: every file's name and
     label, and the bytes of as many evenly spaced files (stating a million files would take
     minutes on a network disk). A Hugging Face dataset: its label column and the image bytes of
-    as many evenly spaced rows. WebDataset
-    shards: their names, sample counts, sizes and first and last :data:`SHARD_ENDS` bytes.
-    Synthetic: its size, classes and seed.
+    as many evenly spaced rows. WebDataset shards: their names, sample counts, sizes and first
+    and last :data:`SHARD_ENDS` bytes. Synthetic: its size, classes and seed.
     """
     if isinstance(ds, torch.utils.data.Subset):  # data.holdout: the split underneath
         ds = ds.dataset

@@ -93,6 +93,13 @@ def open_splits(cfg: DictConfig) -> Tuple[Dataset, Dataset, List[str]]:
     return train, val, classes
 
 
+def content_ids(cfg: DictConfig, splits: Tuple[Dataset, Dataset, List[str]]) -> Tuple[str, str]:
+    """The train and validation sets' :func:`~shd_vision.data.datasets.content_id`; held-out
+    images (``data.holdout``) are the training split's, hashed once."""
+    train = datasets.content_id(splits[0])
+    return train, train if cfg.holdout else datasets.content_id(splits[1])
+
+
 def _carve(cfg: DictConfig, train: Dataset, copy: Dataset) -> Tuple[Dataset, Dataset, List[str]]:
     """``data.holdout``: the training subset and the held-out images (from ``copy``, a second
     instance of the training split, so the two can carry different transforms)."""

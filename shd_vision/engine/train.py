@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shd_vision.cache import CachedTeacher, logits_only, open_cache
 from shd_vision.config import check_config
-from shd_vision.data.datasets import content_id
-from shd_vision.data.loaders import bad_images, build_data, open_splits, random_labels, resolve_input
+from shd_vision.data.loaders import (bad_images, build_data, content_ids, open_splits, random_labels,
+                                     resolve_input)
 from shd_vision.distill import Batch, Distiller
 from shd_vision.distill.base import active_terms, uses_teacher
 from shd_vision.engine import identity, runtime
@@ -156,7 +156,7 @@ class Run:
         if tr.max_steps:
             self.total_steps = min(self.total_steps, tr.max_steps)
         self.facts = identity.run_facts(self.global_batch, rt.world, self.data.train_images, self.classes,
-                                        (content_id(splits[0]), content_id(splits[1])), self.data.stream_workers)
+                                        content_ids(cfg.data, splits), self.data.stream_workers)
         if cached:
             self.teacher = open_cache(cfg, self.data_config, self.facts,
                                       math.ceil(self.total_steps / self.updates_per_epoch), rt.rank, rt.device)

@@ -113,3 +113,10 @@ def test_weights_of_another_width_are_a_user_error_naming_the_shapes(tmp_path):
     d = TINY["embed_dim"]
     assert said.startswith(f"ckpt={tmp_path / 'narrow.pt'} does not fit model.name=vit_tiny_patch16_224 (wrong shape: ")
     assert f"cls_token [1, 1, {d}] in the file, [1, 1, {2 * d}] in the model" in said
+
+
+def test_an_image_size_that_is_not_whole_patches_is_refused():
+    with pytest.raises(UserError, match=r"teacher.img_size=30 is not a multiple of the patch size 4: .* drop the "
+                                        r"last 2 pixel rows or columns .* Use teacher.img_size=28 or 32"):
+        build({**TINY, "img_size": 30}, 10, "teacher")
+    assert build({**TINY, "img_size": 32}, 10, "model").patch_embed.grid_size == (8, 8)

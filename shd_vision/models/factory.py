@@ -66,7 +66,7 @@ def build(spec: Mapping | DictConfig, num_classes: Optional[int], key: str, pret
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:  # an unknown key, or values that do not fit (asserts)
         raise UserError(f"timm.create_model('{name}') rejected the settings of {key} "
                         f"({', '.join(f'{k}={v}' for k, v in kwargs.items())}): {e or type(e).__name__}. "
@@ -77,6 +77,23 @@ def build(spec: Mapping | DictConfig, num_classes: Optional[int], key: str, pret
         raise UserError(f"{key}.pretrained=true could not fetch timm's weights for '{name}' "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). The hub "
                         f"may be unreachable: set {key}.checkpoint=FILE to load a local file instead.") from None
+    _check_patch_grid(model, key)
+    return model
+
+
+def _check_patch_grid(model: nn.Module, key: str) -> None:
+    """Refuse an image size that is not a whole number of patches: timm's strided patch
+    convolution would silently drop the last rows and columns of every image."""
+    embed = getattr(model, "patch_embed", None)
+    size, patch = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
+    if size is None or patch is None:
+        return
+    for s, p in zip(size, patch):
+        if s % p:
+            raise UserError(f"{key}.img_size={s if size[0] == size[1] else list(size)} is not a multiple of "
+                            f"the patch size {p}: the patch embedding would silently drop the last {s % p} "
+                            f"pixel rows or columns of every image. Use {key}.img_size={s - s % p} or "
+                            f"{s - s % p + p}, or another {key}.patch_size.")
 
 
 def load_weights(model: nn.Module, path: str | Path, key: str, use_ema: bool = False) -> Dict[str, Any]:

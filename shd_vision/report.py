@@ -377,6 +377,16 @@ def x_positions(values: List[Any]) -> Dict[Any, float]:
     return {v: float(i) for i, v in enumerate(union)}
 
 
+def dodge(positions: List[float], lines: int, log_x: bool) -> List[float]:
+    """Each line's horizontal offset (in decades on a log axis), so that methods with nearly
+    equal top-1 at one x keep their error bars apart: together the lines span a quarter of the
+    narrowest gap between two x values (of 1 with a single x)."""
+    axis = [math.log10(p) for p in positions] if log_x else positions
+    gaps = [b - a for a, b in zip(axis, axis[1:])]
+    width = 0.25 * (min(gaps) if gaps else 1.0)
+    return [0.0] * lines if lines < 2 else [width * (i / (lines - 1) - 0.5) for i in range(lines)]
+
+
 def trend(keys: List[str], rows: List[Dict[str, Any]], x: str, path: Path, title: str,
           x_label: Optional[str] = None, y_label: str = "top-1") -> Path:
     """Top-1 against the key ``x``: one line per value of the other keys (mean over seeds, ± one
@@ -388,13 +398,16 @@ def trend(keys: List[str], rows: List[Dict[str, Any]], x: str, path: Path, title
     for r in rows:
         lines.setdefault(row_label(others, r), []).append((r[x], r["top1"], r["top1_std"]))
     at = x_positions([r[x] for r in rows])
+    log_x = all(_number(v) and v > 0 for v in at) and max(at) >= 10 * min(at)  # a sweep's steps (1, 3, 9, 27)
+    shifts = dodge(sorted(at.values()), len(lines), log_x)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = plt.get_cmap("tab10").colors
     for i, (label, points) in enumerate(sorted(lines.items())):
         points.sort(key=lambda p: at[p[0]])
-        ax.errorbar([at[p[0]] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+        xs = [at[p[0]] * 10 ** shifts[i] if log_x else at[p[0]] + shifts[i] for p in points]
+        ax.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points],
                     marker="o", capsize=3, color=colours[i % 10], label=label)
-    if all(_number(v) and v > 0 for v in at) and max(at) >= 10 * min(at):  # a sweep's steps (1, 3, 9, 27)
+    if log_x:
         ax.set_xscale("log")
         ax.minorticks_off()
     ax.set_xticks(list(at.values()), [str(v) for v in at])
@@ -437,12 +450,12 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
     (out / "best_overrides.txt").write_text(best_overrides(keys, rows[0]) + "\n")
     (out / "extend.txt").write_text("".join(line + "\n" for line in extend))
     write_csv(keys, rows, out / "results.csv")
-    picture = curves(keys, rows, out / "curves.png", f"{root.name}: {len(runs)} runs")
+    pictures = [curves(keys, rows, out / "curves.png", f"{root.name}: {len(runs)} runs")]
     if cfg.x:
-        trend(keys, rows, cfg.x, out / "trend.png", f"{root.name}: top-1 against {cfg.x}", cfg.x_label,
-              validated_on(runs))
-    log.info("%d runs in %s, %d settings (mean ± std over seeds):\n%s\n\nfiles: %s, %s, %s", len(runs), root,
-             len(rows), table, out / "results.md", out / "results.csv", picture)
+        pictures.append(trend(keys, rows, cfg.x, out / "trend.png", f"{root.name}: top-1 against {cfg.x}",
+                              cfg.x_label, validated_on(runs)))
+    log.info("%d runs in %s, %d settings (mean ± std over seeds):\n%s\n\nfiles: %s", len(runs), root,
+             len(rows), table, ", ".join(map(str, [out / "results.md", out / "results.csv", *pictures])))
     return {"keys": keys, "rows": [{k: v for k, v in r.items() if k != "runs"} for r in rows], "table": table,
             "best": best_overrides(keys, rows[0]), "edges": edges}
 

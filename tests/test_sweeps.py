@@ -8,7 +8,8 @@ import yaml
 
 from conftest import THREADS, paragraph, run_cli
 from shd_vision.errors import UserError
-from shd_vision.report import around, edge_optima, extension, find_runs, summarise, swept_keys, x_positions
+from shd_vision.report import (around, dodge, edge_optima, extension, find_runs, summarise, swept_keys,
+                               x_positions)
 from wandb_records import history, records, run_record
 
 FAST = ["debug=fast", "data=synthetic", "data.train_size=64", "data.val_size=32", "data.batch_size=16",
@@ -238,3 +239,11 @@ def test_trend_lines_share_one_ordered_axis():
     assert x_positions([3, 2, 1, 2, 3]) == {1: 1.0, 2: 2.0, 3: 3.0}  # numbers at their value
     assert x_positions([0.5, 4]) == {0.5: 0.5, 4: 4.0}
     assert list(x_positions(["vit_small", "deit_tiny", "vit_small"]).items()) == [("deit_tiny", 0.0), ("vit_small", 1.0)]
+
+
+def test_trend_lines_are_dodged_within_a_quarter_of_the_narrowest_gap():
+    assert dodge([1.0, 2.0, 3.0], 3, log_x=False) == pytest.approx([-0.125, 0.0, 0.125])
+    assert dodge([1.0, 2.0, 6.0], 2, log_x=False) == pytest.approx([-0.125, 0.125])  # the 1..2 gap
+    assert dodge([1.0, 10.0, 100.0], 5, log_x=True) == pytest.approx([-0.125, -0.0625, 0.0, 0.0625, 0.125])  # decades
+    assert dodge([3.0], 2, log_x=False) == pytest.approx([-0.125, 0.125])  # one x: a unit-wide axis
+    assert dodge([1.0, 2.0], 1, log_x=False) == [0.0]

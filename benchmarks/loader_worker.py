@@ -16,7 +16,7 @@ Stock Pillow comes from .venv/pillow-stock (install.sh puts it there when it ins
 Then the augmented uint8 images of "ours, uint8" and "ours (all three)" on the same crops and ops
 (same seeds): their mean absolute difference per pixel, in grey levels.
 
-    python benchmarks/loader_worker.py [--images 1600] [--rounds 2]
+    python benchmarks/loader_worker.py [--images 1600] [--rounds 2] [--arms NAME ...]
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1600, help="training JPEGs written (one pass is timed)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
+                        help="the pipelines to time (all by default)")
     parser.add_argument("--arm", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--loader", help=argparse.SUPPRESS)
@@ -127,7 +129,7 @@ def main() -> None:
 
     import PIL
     simd = ".post" in PIL.__version__
-    arms = [a for a in ARMS if ARMS[a][0] == "stock" or simd]
+    arms = [a for a in args.arms if ARMS[a][0] == "stock" or simd]
     if not STOCK.is_dir():
         arms = [a for a in arms if ARMS[a][0] == "simd"] if simd else arms
         if simd:
@@ -135,12 +137,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = jpeg_folder(Path(tmp) / "folder", args.images)
         sizes = [p.stat().st_size for p in (root / "train").rglob("*.jpg")]
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "shd_vision.data.pack", "data=imagefolder", f"data.root={root}",
-                        f"pack.out={root.parent / 'packed'}", "pack.size=256", f"pack.shard_images={args.images // 8}",
-                        "data.num_workers=1"], cwd=HERE.parent, check=True, capture_output=True)
-        pack_rate = (args.images + 10) / (time.perf_counter() - t)
-        packed_kb = sum(p.stat().st_size for p in (root.parent / "packed").glob("train-*.tar")) / args.images / 1e3
+        packing = None
+        if any(ARMS[a][1] == "packed" for a in arms):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "shd_vision.data.pack", "data=imagefolder", f"data.root={root}",
+                            f"pack.out={root.parent / 'packed'}", "pack.size=256",
+                            f"pack.shard_images={args.images // 8}", "data.num_workers=1"],
+                           cwd=HERE.parent, check=True, capture_output=True)
+            rate = (args.images + 10) / (time.perf_counter() - t)
+            kb = sum(p.stat().st_size for p in (root.parent / "packed").glob("train-*.tar")) / args.images / 1e3
+            packing = (f"Packing (one process, start-up included): {rate:.0f} images/s; {kb:.0f} KB per packed "
+                       "image (tar headers included)")
         rates = {a: [] for a in arms}
         for _ in range(args.rounds):
             for a in arms:
@@ -154,17 +161,19 @@ def main() -> None:
             same = (f"{d.mean():.3f} grey levels on average (max {d.max()}; {100 * (d > 0).mean():.2f}% of "
                     f"values differ), mean pixel {a.mean():.2f} (stock) vs {b.mean():.2f} (pillow-simd), "
                     f"{len(a)} images")
-    base = statistics.median(rates["timm stock"]) if "timm stock" in rates else None
+    base = rates.get("timm stock")
     rows = []
     for a in arms:
-        r = statistics.median(rates[a])
-        rows.append([a, ARMS[a][0], " ".join(f"{x:.0f}" for x in rates[a]), f"{r:.0f}",
-                     f"{r / base:.2f}" if base else "-"])
+        # each round's ratio pairs two arms timed seconds apart, so the VM's drifting speed cancels
+        ratios = [x / b for x, b in zip(rates[a], base)] if base else []
+        rows.append([a, ARMS[a][0], " ".join(f"{x:.0f}" for x in rates[a]), f"{statistics.median(rates[a]):.0f}",
+                     f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-"])
     print(f"\nOne loader worker, batch {args.batch}, {args.images} photograph-like JPEGs (mean "
           f"{statistics.fmean(sizes) / 1e3:.0f} KB), DeiT augmentation; {os.cpu_count()} cores, rounds alternating\n")
-    print(table(["pipeline", "Pillow", "images/s per round", "median", "vs timm stock"], rows))
-    print(f"\nPacking (one process, start-up included): {pack_rate:.0f} images/s; {packed_kb:.0f} KB per packed "
-          "image (tar headers included)")
+    print(table(["pipeline", "Pillow", "images/s per round", "median", "vs timm stock: median of rounds (range)"],
+                rows))
+    if packing:
+        print(f"\n{packing}")
     if same:
         print(f"\nAll three speed-ups against none (uint8 both) on the same crops and ops: {same}")
 

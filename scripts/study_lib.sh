@@ -41,8 +41,9 @@ tune() {  # sweep name, swept keys (k1,k2), their grid ("k1=a,b k2=c,d"), the ke
     [ -e "$d" ] || continue; d=${d##*/r}; d=${d%%[-.]*}; [ "$d" -le $r ] || r=$d
   done
   [ ! -f $plans/r$r.txt ] || round "$@"
-  while $py -m shd_vision.report dir=$dir "by=[$keys]" "extend=[$extend]" >/dev/null 2>&1 && [ -s $dir/extend.txt ] \
-      && [ $r -lt "${STUDY_EXTEND:-3}" ]; do
+  while :; do  # the report's warnings reach the log; its failure ends the study (never a stale choice)
+    $py -m shd_vision.report dir=$dir "by=[$keys]" "extend=[$extend]" >/dev/null
+    [ -s $dir/extend.txt ] && [ $r -lt "${STUDY_EXTEND:-3}" ] || break
     r=$((r + 1)); mkdir -p $plans && cp $dir/extend.txt $plans/r$r.txt && round "$@"
   done
   edges=$(grep -o "EDGE: .*" $dir/results.md || true)

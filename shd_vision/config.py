@@ -25,6 +25,24 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
 
 
+# Keys that may differ between the sessions of one run: where it runs, how it is logged, when it
+# stops and checkpoints. A key names itself and everything below it. Kept in README.md too;
+# engine/identity.py compares runs on the rest, and the report's rows must agree on them.
+RESUMABLE = (
+    "run_name", "task_name", "paths", "logger",
+    "trainer.resume", "trainer.max_steps", "trainer.log_every", "trainer.ckpt_every_steps",
+    "trainer.device", "trainer.threads", "trainer.dist_backend", "trainer.compile", "trainer.channels_last",
+    "trainer.tf32", "trainer.export", "trainer.attention_images", "trainer.eval_teacher",
+    "trainer.teacher_floor",
+    "data.root", "data.num_workers", "data.pin_memory", "data.eval_batch_size", "data.skip_bad_images",
+)
+
+
+def resumable(key: str) -> bool:
+    """Whether ``key`` may differ between the sessions of one run (it or a parent is in RESUMABLE)."""
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
+
+
 def greater_than(bound: float, default: Any = MISSING) -> Any:
     return field(default=default, metadata={"gt": bound})
 

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import shd_vision.viz  # noqa: F401  (matplotlib without a display)
 from shd_vision import cli
+from shd_vision.config import resumable
 from shd_vision.engine.logbook import format_duration, read_jsonl
 from shd_vision.errors import UserError
 
@@ -121,6 +122,35 @@ def paired_difference(runs: List[Run], reference: List[Run], seed_key: str = "se
     return {"diff": mean, "ci": (mean - half, mean + half), "pairs": len(diffs)}
 
 
+def _defining(run: Run, key: str) -> str:
+    """A run's value of ``key`` as text, a path inside its project relative to the project (the
+    same shipped teacher in two clones is the same teacher)."""
+    value, root = run.config.get(key), str(run.config.get("paths.root_dir") or "").rstrip("/")
+    if root and isinstance(value, str) and value.startswith(root + "/"):
+        value = "${paths.root_dir}" + value[len(root):]
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def mixed_keys(members: List[Run], keys: List[str], seed_key: str = "seed") -> List[str]:
+    """``key (value: n runs, ...)`` for every run-defining key on which runs meant for one row
+    differ: the config outside ``keys``, the seed and the keys a run may change between sessions
+    (but ``trainer.max_steps``, which ends it early), and the facts of its summary. A key some
+    runs lack (recorded before it existed) is not compared."""
+    views = [{**r.config, **{f"run.{k}": v for k, v in (r.summary.get("facts") or {}).items()}} for r in members]
+    shared = set.intersection(*(set(v) for v in views))
+    out = []
+    for key in sorted(shared):
+        if key in keys or key == seed_key or key.startswith(IGNORED) or (resumable(key) and key != "trainer.max_steps"):
+            continue
+        counts: Dict[str, int] = {}
+        for run, view in zip(members, views):
+            value = _defining(run, key) if key in run.config else json.dumps(view[key], sort_keys=True)
+            counts[value] = counts.get(value, 0) + 1
+        if len(counts) > 1:
+            out.append(f"{key} ({', '.join(f'{v[:40]}: {n} run(s)' for v, n in counts.items())})")
+    return out
+
+
 def teacher_source(runs: List[Run]) -> str:
     """Where a row's teacher logits came from: ``live``, ``cache top-K dtype`` (teacher.cache), or
     ``none``; rows that mixed them list each."""
@@ -154,6 +184,12 @@ def summarise(runs: List[Run], by: Optional[List[str]] = None,
         for run in runs:
             groups.setdefault(tuple(run.config.get(k) for k in keys) + (teacher_source([run]),), []).append(run)
         keys = keys + ["teacher"]
+    for members in groups.values():
+        mixed = mixed_keys(members, keys, seed_key)
+        if mixed:
+            raise UserError(f"the row {row_label(keys, {k: members[0].config.get(k) for k in keys})} would mix "
+                            f"runs defined differently, in {'; '.join(mixed)}. Add the key(s) to by=[...] to "
+                            "give each setting its own row, or report each set of runs on its own (dir=...).")
     rows = []
     for values, members in groups.items():
         top1, top1_std = _mean_std([r.summary["top1"] for r in members])

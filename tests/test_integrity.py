@@ -13,10 +13,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FMNIST, THREADS, debug_args, paragraph, run_cli
-from shd_vision.config import PROJECT_ROOT, compose_train
+from shd_vision.config import PROJECT_ROOT, RESUMABLE, compose_train
 from shd_vision.data.datasets import content_id, fashion_mnist
 from shd_vision.engine import checkpoint as ck
-from shd_vision.engine.identity import RESUMABLE
 from shd_vision.engine.train import train
 from shd_vision.errors import UserError
 from shd_vision.models.factory import build, pretrained_tag
@@ -123,6 +122,11 @@ def test_a_finished_record_without_checkpoints_stands_and_a_different_run_is_ref
     with pytest.raises(UserError) as refused:
         train(make_cfg("kd=none", "trainer.max_steps=4", "seed=3", "trainer.resume=auto"))
     assert "seed (0 in the record, 3 now)" in paragraph(str(refused.value)) and files_of(run, skip) == before
+    for longer in (["trainer.max_steps=6"], ["trainer.max_steps=null"]):  # a smoke run's record is not the full run's
+        with pytest.raises(UserError) as refused:
+            train(make_cfg("kd=none", *longer, "trainer.resume=auto"))
+        assert "ended at step 4 (trainer.max_steps=4), while this one plans" in paragraph(str(refused.value))
+        assert files_of(run, skip) == before
     stopped = json.loads((run / "summary.json").read_text()) | {"status": "stopped"}
     (run / "summary.json").write_text(json.dumps(stopped))
     retrained, _ = train(make_cfg(*finished, "trainer.resume=auto"))

@@ -104,3 +104,21 @@ def test_an_interrupted_sweep_ends_with_the_trials_of_an_uninterrupted_one(tmp_p
     assert sorted(p.name for p in (fresh / "records/sweep/shd").glob("r*.txt")) == ["r1.txt", "r2.txt", "r3.txt"]
     assert "sweep shd, 3 extension round(s) (cap STUDY_EXTEND=3): every chosen value is interior" in second.stderr
     assert second.stdout.strip() == f"chosen: {TAU}=2 {WEIGHT}=27"
+
+
+def test_a_sweep_whose_report_refuses_its_runs_stops_the_study(tmp_path):
+    """A failing report must not let tune read an earlier round's best_overrides.txt (it used to
+    end the extension loop silently and print a stale choice)."""
+    stray = tmp_path / "records/sweep/shd/r0/9"  # a trial of another study row at a point of the grid
+    stray.mkdir(parents=True)
+    (stray / "config.yaml").write_text(yaml.safe_dump({"kd": {"terms": {"shd": {"temperature": 1, "weight": 1}}},
+                                                       "study": "shd_logit_select", "seed": 0}))
+    (stray / "summary.json").write_text('{"status": "finished", "top1": 99.0, "train_samples_per_s": 1.0, '
+                                        '"wall_time_s": 1.0}')
+    earlier = tmp_path / "logs/fmnist_study/multiruns/sweep/shd"  # an earlier session's report, on this machine
+    earlier.mkdir(parents=True)
+    (earlier / "best_overrides.txt").write_text(f"{TAU}=6 {WEIGHT}=81\n")
+    out = tune(tmp_path)
+    assert out.returncode != 0 and "chosen:" not in out.stdout
+    assert "would mix runs defined differently, in study (shd_logit: 1 run(s), shd_logit_select: 1 run(s))" in \
+        " ".join(out.stderr.split()), out.stderr[-2000:]

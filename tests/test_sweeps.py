@@ -2,11 +2,12 @@
 
 import csv
 import json
+import shutil
 
 import pytest
 import yaml
 
-from conftest import THREADS, paragraph, run_cli
+from conftest import PROJECT_ROOT, THREADS, paragraph, run_cli
 from shd_vision.errors import UserError
 from shd_vision.report import (around, dodge, edge_optima, extension, find_runs, summarise, swept_keys,
                                x_positions)
@@ -57,14 +58,32 @@ def test_report_rows_by_chosen_keys(sweep):
     runs = find_runs(sweep)
     keys, rows = summarise(runs, by=["kd.name"])
     assert keys == ["kd.name"] and sorted(r["kd.name"] for r in rows) == ["logit", "none"]
-    keys, rows = summarise(runs, by=["seed"])  # seeds as rows: each averages both methods
-    assert {r["seed"]: r["seeds"] for r in rows} == {0: 2, 1: 2}
-    assert {r["seed"]: r["repeated_seeds"] for r in rows} == {0: [0], 1: [1]}  # two methods per seed
-    result = run_cli("-m shd_vision.report", f"dir={sweep}", "by=[seed]", f"out={sweep.parent / 'by_seed'}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "REPEATED SEEDS: row 0 holds seed(s) 0 more than once" in paragraph(result.stderr)
     with pytest.raises(UserError, match="by=kd.nam is not a config key of the runs; give keys such as seed"):
         summarise(runs, by=["kd.nam"])
+
+
+def test_a_row_never_mixes_runs_defined_differently(sweep, tmp_path):
+    """Rows average seeds only: by=[...] leaving out a key the runs differ in is refused, naming it."""
+    with pytest.raises(UserError) as mixed:
+        summarise(find_runs(sweep), by=["seed"])
+    assert "the row 0 would mix runs defined differently, in kd.name (none: 1 run(s), logit: 1 run(s)); " \
+           "kd.terms.logit.weight (" in paragraph(str(mixed.value))
+    for name, change in {"a": {}, "b": {"data": {"num_workers": 3}, "trainer": {"device": "cuda"}},  # how, not what
+                         "c": {"trainer": {"max_steps": 1}}}.items():  # stopped earlier: another result
+        shutil.copytree(sweep / "0", tmp_path / name)
+        config = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        for group, values in change.items():
+            config[group].update(values)
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "b" / "config.yaml").write_text((tmp_path / "b" / "config.yaml").read_text().replace(
+        str(PROJECT_ROOT), "/elsewhere/shd-vision"))  # another clone's paths.root_dir and the paths inside it
+    keys, rows = summarise([r for r in find_runs(tmp_path) if r.path.name != "c"], by=["kd.name"])
+    assert [r["seeds"] for r in rows] == [2] and rows[0]["repeated_seeds"] == [0]
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path}", "by=[kd.name]", f"out={tmp_path / 'out'}")
+    assert result.returncode == 2 and "in trainer.max_steps (2: 2 run(s), 1: 1 run(s))" in paragraph(result.stderr)
+    shutil.rmtree(tmp_path / "c")
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path}", "by=[kd.name]", f"out={tmp_path / 'out'}")
+    assert result.returncode == 0 and "REPEATED SEEDS: row none holds seed(s) 0 more than once" in paragraph(result.stderr)
 
 
 def test_report_pairs_rows_by_seed_with_a_t_interval(sweep, tmp_path):

@@ -2,7 +2,7 @@
 
 A run directory is held by one run at a time (an OS lock that dies with its process), and a
 checkpoint is resumed only by a run whose config defines the same run: the keys of
-:data:`RESUMABLE` may change between sessions (how a run is executed, logged or stopped), every
+:data:`~shd_vision.config.RESUMABLE` may change between sessions (how a run is executed, logged or stopped), every
 other key and the facts of :func:`run_facts` must be equal, or the resume is refused naming
 each difference. The same fingerprint identifies a run wherever one is needed.
 """
@@ -23,28 +23,14 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from shd_vision.config import RESUMABLE, resumable
 from shd_vision.engine import runtime
 from shd_vision.engine.checkpoint import Checkpoints, load
 from shd_vision.errors import UserError
 
 log = logging.getLogger("shd_vision.train")
 
-# Keys that may differ between the sessions of one run: where it runs, how it is logged, when it
-# stops and checkpoints. A key names itself and everything below it. Kept in README.md too.
-RESUMABLE = (
-    "run_name", "task_name", "paths", "logger",
-    "trainer.resume", "trainer.max_steps", "trainer.log_every", "trainer.ckpt_every_steps",
-    "trainer.device", "trainer.threads", "trainer.dist_backend", "trainer.compile", "trainer.channels_last",
-    "trainer.tf32", "trainer.export", "trainer.attention_images", "trainer.eval_teacher",
-    "trainer.teacher_floor",
-    "data.root", "data.num_workers", "data.pin_memory", "data.eval_batch_size", "data.skip_bad_images",
-)
-
 LOCK_NAME = ".lock"
-
-
-def resumable(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
 
 
 def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
@@ -57,7 +43,7 @@ def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def fingerprint(cfg: DictConfig | Mapping, facts: Mapping[str, Any]) -> Dict[str, Any]:
-    """Every run-defining value: the config's keys outside :data:`RESUMABLE` (dotted, resolved;
+    """Every run-defining value: the config's keys outside ``RESUMABLE`` (dotted, resolved;
     paths inside the project relative to it) plus ``facts`` (:func:`run_facts`) under ``run.``."""
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     root = str(tree.get("paths", {}).get("root_dir") or "").rstrip("/")
@@ -172,14 +158,18 @@ def finished_summary(run_dir: Path, step: int, total_steps: int) -> Optional[Dic
     return summary
 
 
-def finished_record(cfg: DictConfig, run_dir: Path, now: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+def finished_record(cfg: DictConfig, run_dir: Path, now: Mapping[str, Any], total_steps: int
+                    ) -> Optional[Dict[str, Any]]:
     """The summary of a finished run whose checkpoints are gone (a study's committed records on
     a fresh machine keep ``summary.json``, ``config.yaml`` and ``metrics.jsonl`` only), when
     ``trainer.resume=auto`` finds no checkpoint: the record stands if it defines the same run as
-    ``now`` (:func:`fingerprint`); None when there is no finished record.
+    ``now`` (:func:`fingerprint`) and went as far as this run's ``total_steps``; None when there
+    is no finished record.
 
     Raises:
-        UserError: the record belongs to a run defined differently; retraining would overwrite it.
+        UserError: the record belongs to a run defined differently, or ended earlier (at
+            ``trainer.max_steps``, which may change between sessions) and cannot be continued
+            without its checkpoints; retraining would overwrite it.
     """
     summary_file, config_file = run_dir / "summary.json", run_dir / "config.yaml"
     if cfg.trainer.resume != "auto" or not (summary_file.is_file() and config_file.is_file()):
@@ -195,6 +185,14 @@ def finished_record(cfg: DictConfig, run_dir: Path, now: Mapping[str, Any]) -> O
             f"differently from this one in {len(diff)} key(s): {'; '.join(diff)}. Training here would "
             "overwrite its record; give this run another run_name, or move that directory away to "
             "train it again.")
+    steps = summary.get("steps", total_steps)
+    if steps < total_steps:
+        raise UserError(
+            f"trainer.resume=auto: {run_dir} holds a run that ended at step {steps} (trainer.max_steps="
+            f"{OmegaConf.load(config_file).trainer.get('max_steps')}), while this one plans {total_steps} "
+            "steps, and without its checkpoints it cannot be continued. Its record is not this run's: set "
+            f"trainer.max_steps={steps} to keep it as it is, or give this run another run_name, or move that "
+            "directory away to train it in full.")
     log.info("%s finished already (its checkpoints are not here; summary.json and config.yaml are): "
              "its record stands, nothing to do", run_dir)
     return summary

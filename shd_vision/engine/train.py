@@ -284,7 +284,7 @@ class Run:
             summary = identity.finished_summary(self.run_dir, self.state.step, self.total_steps)
         else:  # nothing resumed: a finished run may still stand as its record alone
             summary = None if self.state.step else identity.finished_record(
-                self.cfg, self.run_dir, identity.fingerprint(self.cfg, self.facts))
+                self.cfg, self.run_dir, identity.fingerprint(self.cfg, self.facts), self.total_steps)
         if summary is not None:  # resume=auto on a finished run (a sweep continued): nothing to do
             return summary
         self._write_config()

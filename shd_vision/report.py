@@ -110,16 +110,21 @@ T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
 
 
 def paired_difference(runs: List[Run], reference: List[Run], seed_key: str = "seed") -> Optional[Dict[str, Any]]:
-    """Mean top-1 difference over the seeds both rows ran, with a t-based 95% confidence interval."""
+    """Mean top-1 difference over the seeds both rows ran, with a t-based 95% confidence interval
+    (``pairs`` says over how many; ``unpaired`` how many runs of either row had no partner). None
+    without a common seed, or when either row holds a seed twice (which run would pair is a guess)."""
+    seeds, ref_seeds = [r.config.get(seed_key) for r in runs], [r.config.get(seed_key) for r in reference]
+    if len(set(seeds)) < len(seeds) or len(set(ref_seeds)) < len(ref_seeds):
+        return None
     ref = {r.config.get(seed_key): r.summary["top1"] for r in reference}
     diffs = [r.summary["top1"] - ref[r.config.get(seed_key)] for r in runs if r.config.get(seed_key) in ref]
     if not diffs:
         return None
-    mean = statistics.fmean(diffs)
+    mean, unpaired = statistics.fmean(diffs), len(runs) + len(reference) - 2 * len(diffs)
     if len(diffs) < 2:
-        return {"diff": mean, "ci": None, "pairs": 1}
+        return {"diff": mean, "ci": None, "pairs": 1, "unpaired": unpaired}
     half = (T95[len(diffs) - 2] if len(diffs) <= 31 else 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"diff": mean, "ci": (mean - half, mean + half), "pairs": len(diffs)}
+    return {"diff": mean, "ci": (mean - half, mean + half), "pairs": len(diffs), "unpaired": unpaired}
 
 
 def _defining(run: Run, key: str) -> str:
@@ -202,8 +207,11 @@ def summarise(runs: List[Run], by: Optional[List[str]] = None,
                      "top1_std": top1_std, "seeds": len(members),
                      "repeated_seeds": sorted({s for s in seeds if seeds.count(s) > 1}, key=str),
                      "gain": statistics.fmean(gains) if gains else None,
-                     "samples_per_s": rate, "wall_time_s": seconds, "runs": members})
-    rows.sort(key=lambda r: -r["top1"])
+                     "samples_per_s": rate, "wall_time_s": seconds, "runs": members,
+                     "val_loss": statistics.fmean(r.summary.get("val_loss", math.inf) for r in members)})
+    # ties on top-1 (one seed per trial on a few thousand images moves in steps of 0.02) go to the
+    # lower validation loss, never to the order the directories were read in
+    rows.sort(key=lambda r: (-round(r["top1"], 6), r["val_loss"]))
     return keys, rows
 
 
@@ -211,29 +219,41 @@ def add_paired(keys: List[str], rows: List[Dict[str, Any]], references: List[str
     """``row["vs"][ref]``: each row's paired difference to its reference row: the row labelled
     ``ref`` or, in a table of several keys, the row that has this row's values on every key but
     the one taking the value ``ref`` (``by=[model.num_heads,kd.name] paired=[minilm]`` pairs each
-    row with MiniLMv2 at its own head count). None where that row is missing."""
+    row with MiniLMv2 at its own head count; ``key=value`` names the key where the value alone
+    would be ambiguous). None where that row is missing."""
     labels = {row_label(keys, r): r for r in rows}
     for r in rows:
-        r["vs"] = {}
+        r["vs"], r["is_reference"] = {}, set()
     for ref in references:
-        key = next((k for k in keys if any(str(r[k]) == ref for r in rows)), None)
-        if ref not in labels and key is None:
+        named, _, text = ref.partition("=")
+        if text and named in keys:  # paired=[key=value]
+            key, value = named, text
+        else:
+            owners = [] if ref in labels else [k for k in keys if any(str(r[k]) == ref for r in rows)]
+            if len(owners) > 1:
+                raise UserError(f"paired={ref} is a value of {' and of '.join(owners)}; name the key, e.g. "
+                                f"paired=['{owners[-1]}={ref}'] (quoted for Hydra).")
+            key, value = (owners or [None])[0], ref
+        if ref not in labels and (key is None or not any(str(r[key]) == value for r in rows)):
             raise UserError(f"paired={ref} is not a row of this table; its rows are: {', '.join(labels)}.")
         for r in rows:
-            match = labels.get(ref) or next((o for o in rows if str(o[key]) == ref
-                                             and all(o[k] == r[k] for k in keys if k != key)), None)
+            if (row_label(keys, r) == ref) if key is None else str(r[key]) == value:
+                r["is_reference"].add(ref)
+                continue
+            match = labels.get(ref) if key is None else next(
+                (o for o in rows if str(o[key]) == value and all(o[k] == r[k] for k in keys if k != key)), None)
             r["vs"][ref] = None if match is None else paired_difference(r["runs"], match["runs"])
 
 
-def is_reference(keys: List[str], row: Dict[str, Any], ref: str) -> bool:
-    return row_label(keys, row) == ref or any(str(row[k]) == ref for k in keys)
-
-
 def _diff(d: Optional[Dict[str, Any]]) -> str:
+    """A paired cell: the mean difference and its interval; how many seeds paired where some runs
+    had no partner, and a single pair says it has no interval."""
     if d is None:
         return "–"
-    ci = f" [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]" if d["ci"] else ""
-    return f"{d['diff']:+.2f}{ci}"
+    if d["ci"] is None:
+        return f"{d['diff']:+.2f} (1 pair, no CI)"
+    count = f" ({d['pairs']} pairs)" if d["unpaired"] else ""
+    return f"{d['diff']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]{count}"
 
 
 def markdown(keys: List[str], rows: List[Dict[str, Any]], references: List[str] = ()) -> str:
@@ -244,9 +264,9 @@ def markdown(keys: List[str], rows: List[Dict[str, Any]], references: List[str] 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(keys) + "---:|" * (len(head) - len(keys))]
     for r in rows:
         cells = [str(r[k]) for k in keys] + [r["teacher"]] * cached
-        cells += [f"{r['top1']:.2f} ± {r['top1_std']:.2f}", str(r["seeds"]),
+        cells += [f"{r['top1']:.2f} ± {r['top1_std']:.2f}" if r["seeds"] > 1 else f"{r['top1']:.2f}", str(r["seeds"]),
                   "–" if r["gain"] is None else f"{r['gain']:+.2f}"]
-        cells += ["" if is_reference(keys, r, ref) else _diff(r["vs"][ref]) for ref in references]
+        cells += ["" if ref in r["is_reference"] else _diff(r["vs"][ref]) for ref in references]
         cells += [f"{r['samples_per_s']:.0f}", format_duration(r["wall_time_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -256,8 +276,10 @@ def validated_on(runs: List[Run]) -> str:
     """Which images the table's top-1 is measured on."""
     holdouts = {r.config.get("data.holdout") for r in runs}
     if holdouts == {None}:
-        splits = sorted({str(r.config.get("data.val_split")) for r in runs})
-        return f"validation top-1 on the {'/'.join(splits)} split"
+        splits = "/".join(sorted({str(r.config.get("data.val_split")) for r in runs}))
+        sizes = "/".join(sorted({str(r.config.get("data.val_size")) for r in runs}))
+        return (f"validation top-1 on the {splits} split" if sizes == "None" else
+                f"validation top-1 on {sizes} images of the {splits} split (data.val_size)")
     return f"validation top-1 on {'/'.join(str(h) for h in sorted(holdouts, key=str))} held-out training images (data.holdout)"
 
 
@@ -265,12 +287,16 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def edge_optima(keys: List[str], rows: List[Dict[str, Any]]) -> Dict[str, Tuple[Any, str, List[Any]]]:
+def edge_optima(keys: List[str], rows: List[Dict[str, Any]], studied: Optional[str] = None
+                ) -> Dict[str, Tuple[Any, str, List[Any]]]:
     """``{key: (best value, "smallest" | "largest", values tried)}`` for every swept numeric key
     whose value in the best row lies at an end of the values the runs tried: the optimum may lie
-    beyond the grid, so a choice made there is incomplete."""
+    beyond the grid, so a choice made there is incomplete. ``studied`` (the report's ``x``) is
+    what a study varies on purpose, not a choice, and is never flagged."""
     edges = {}
     for key in keys:
+        if key == studied:
+            continue
         tried = sorted({r[key] for r in rows if _number(r[key])})
         best = rows[0][key]
         if len(tried) > 1 and _number(best) and best in (tried[0], tried[-1]):
@@ -282,10 +308,20 @@ def _ordered(values: set) -> List[Any]:
     return sorted(values) if all(_number(v) for v in values) else sorted(values, key=str)
 
 
-def _beyond(value: float, side: str, factor: float) -> Any:
-    """The next grid value past an edge: ``x factor`` above, ``/ factor`` below (ints stay ints)."""
+def _beyond(value: float, side: str, factor: float, count: bool = False) -> Optional[Any]:
+    """The next grid value past an edge: ``x factor`` above, ``/ factor`` below; None where a
+    multiplicative step cannot go: a value <= 0, or a ``count`` (relation heads) that would leave
+    the whole numbers >= 1. Four significant digits, snapped to a whole number within 0.1% (so
+    0.3333 x 3 is 1.0 again, not 0.9999); ints stay ints."""
+    if value <= 0:
+        return None
     new = value * factor if side == "largest" else value / factor
-    return int(new) if isinstance(value, int) and float(new).is_integer() else float(f"{new:.4g}")
+    whole = round(new)
+    if count:
+        return int(new) if float(new).is_integer() and new >= 1 else None
+    if whole and abs(new / whole - 1) < 1e-3:
+        return whole if isinstance(value, int) else float(whole)
+    return float(f"{new:.4g}")
 
 
 def _step(item: str) -> Tuple[str, float]:
@@ -301,21 +337,31 @@ def _step(item: str) -> Tuple[str, float]:
     return key, factor
 
 
-def extension(keys: List[str], rows: List[Dict[str, Any]], extendable: List[str]) -> List[str]:
-    """The sweeps that extend a grid past its edge optima, as Hydra override lines, one product
-    grid each: every edge key in ``extendable`` (``key`` or ``key:factor``) gains one value beyond
-    its edge, ``x`` or ``/`` the factor (3 by default; 2 suits a count such as relation heads), and
-    the lines cover exactly the points of the extended grid that were not run (the union, over the
-    extended keys, of new values of that key x extended values of the keys before it x the old
-    values of the keys after it). Empty when every chosen value of ``extendable`` is interior."""
-    edges = edge_optima(keys, rows)
+def beyond_edges(keys: List[str], rows: List[Dict[str, Any]], extendable: List[str], studied: Optional[str] = None
+                 ) -> Dict[str, Optional[Any]]:
+    """``{key: its next value past its edge, or None where no step can go}`` for every edge key in
+    ``extendable`` (``key`` or ``key:factor``; a key whose runs hold ints is a count)."""
+    edges = edge_optima(keys, rows, studied)
     factors = dict(_step(item) for item in extendable)
     unknown = [k for k in factors if k not in keys]
     if unknown:  # a misspelt key would silently leave its edge unextended
         raise UserError(f"extend=[{','.join(extendable)}]: {', '.join(unknown)} is not one of the table's keys "
                         f"(by=...): {', '.join(keys)}.")
+    count = {k: all(isinstance(r[k], int) and _number(r[k]) for r in rows) for k in factors}  # int config fields
+    return {k: _beyond(edges[k][0], edges[k][1], factors[k], count[k]) for k in keys if k in edges and k in factors}
+
+
+def extension(keys: List[str], rows: List[Dict[str, Any]], extendable: List[str], studied: Optional[str] = None
+              ) -> List[str]:
+    """The sweeps that extend a grid past its edge optima, as Hydra override lines, one product
+    grid each: every edge key in ``extendable`` (``key`` or ``key:factor``) gains one value beyond
+    its edge, ``x`` or ``/`` the factor (3 by default; 2 suits a count such as relation heads), and
+    the lines cover exactly the points of the extended grid that were not run (the union, over the
+    extended keys, of new values of that key x extended values of the keys before it x the old
+    values of the keys after it). Empty when every chosen value of ``extendable`` is interior or
+    can go no further (:func:`_beyond`)."""
+    new = {k: [v] for k, v in beyond_edges(keys, rows, extendable, studied).items() if v is not None}
     old = {k: _ordered({r[k] for r in rows}) for k in keys}
-    new = {k: [_beyond(edges[k][0], edges[k][1], factors[k])] for k in keys if k in edges and k in factors}
     lines = []
     for i, key in enumerate(keys):
         if key not in new:
@@ -329,13 +375,18 @@ def extension(keys: List[str], rows: List[Dict[str, Any]], extendable: List[str]
 def around(choice: str, extendable: List[str]) -> str:
     """The grid one step either side of a chosen point (``k=v ...``, as best_overrides.txt) for its
     keys in ``extendable`` (``key`` or ``key:factor``, as ``extension``), the others as chosen: a
-    sweep of a neighbouring setting (the next head ratio) starts where the last one ended."""
+    sweep of a neighbouring setting (the next head ratio) starts where the last one ended. A
+    whole number under ``key:factor`` is a count (best_overrides.txt writes a float 2.0 as 2, so
+    the explicit factor tells): its steps stay whole numbers >= 1."""
     factors, parts = dict(_step(item) for item in extendable), []
+    explicit = {item.partition(":")[0] for item in extendable if ":" in item}
     for item in choice.split():
         key, _, text = item.partition("=")
         value = int(text) if text.lstrip("-").isdigit() else float(text)
-        grid = [_beyond(value, "smallest", factors[key]), value, _beyond(value, "largest", factors[key])] \
+        count = key in explicit and isinstance(value, int)  # key:2 on a whole number: a count, as relation heads
+        grid = [_beyond(value, "smallest", factors[key], count), value, _beyond(value, "largest", factors[key], count)] \
             if key in factors else [value]
+        grid = [v for v in grid if v is not None]
         parts.append(f"{key}={','.join(map(str, grid))}")
     return " ".join(parts)
 
@@ -465,20 +516,30 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
     out = Path(cfg.out) if cfg.out else root
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(keys, rows, references)
-    notes = [f"{validated_on(runs)}; mean ± std over seeds; last-quarter gain: top-1 at the end minus at 75% "
-             "of training (mean over seeds)"]
+    notes = [f"{validated_on(runs)}; mean ± sample standard deviation (n − 1) over seeds; last-quarter gain: "
+             "top-1 at the end minus at 75% of training (mean over seeds); train images/s and time: medians "
+             "over seeds"]
     if any(r["teacher"].startswith("cache") for r in rows):
         notes.append("teacher: live (the teacher ran in every step) or cache top-K (its K largest logits per row "
                      "replayed from python -m shd_vision.cache; with K = the classes in float32, exactly the live run)")
     if references:
         notes.append("vs: this row's top-1 minus the reference row's, paired by seed, mean and t-based 95% "
-                     "confidence interval")
-    edges, extend = edge_optima(keys, rows), extension(keys, rows, list(cfg.extend))
+                     "confidence interval; '(k pairs)' where only k seeds are in both rows; – where a row "
+                     "lacks its reference or holds a seed twice")
+    edges, extend = edge_optima(keys, rows, cfg.x), extension(keys, rows, list(cfg.extend), cfg.x)
+    stuck = [k for k, v in beyond_edges(keys, rows, list(cfg.extend), cfg.x).items() if v is None]
     flags = [f"REPEATED SEEDS: row {row_label(keys, r)} holds seed(s) {', '.join(map(str, r['repeated_seeds']))} "
-             "more than once: its runs differ in a key the rows are not told apart by; add it to by="
-             for r in rows if r["repeated_seeds"]]
+             "more than once (the same setting and seed in two run directories): its mean counts each, and "
+             "it is paired with nothing" for r in rows if r["repeated_seeds"]]
     flags += [f"EDGE: the best {key}={value} is the {side} value tried ({', '.join(map(str, tried))}); the "
-              "optimum may lie beyond the grid" for key, (value, side, tried) in edges.items()]
+              "optimum may lie beyond the grid" + ("; no step can go past it (a count stays a whole number >= 1, a "
+                                                   "multiplicative step needs a value above 0)" if key in stuck else "")
+              for key, (value, side, tried) in edges.items()]
+    tied = [r for r in rows[1:] if round(r["top1"], 6) == round(rows[0]["top1"], 6)]
+    if tied:
+        flags.append(f"TIE: the best top-1 ({rows[0]['top1']:.2f}) is shared by {row_label(keys, rows[0])} and "
+                     f"{'; '.join(row_label(keys, r) for r in tied)}; the lowest validation loss chose "
+                     f"{row_label(keys, rows[0])}")
     for flag in flags:
         notes.append(flag)
         sys.stderr.write(f"report: {flag} ({root})\n")

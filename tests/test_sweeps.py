@@ -47,7 +47,7 @@ def test_report_groups_runs_by_swept_values_and_averages_seeds(sweep, tmp_path):
         assert row["top1_std"] == pytest.approx((sum((t - mean) ** 2 for t in top1)) ** 0.5)  # n-1 = 1
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("| kd.name | kd.terms.logit.weight | top-1 (%) | seeds | last-quarter gain |")
-    assert table.split("\n\n")[0].count("\n") == 3 and "validation top-1 on the val split" in table
+    assert table.split("\n\n")[0].count("\n") == 3 and "validation top-1 on 32 images of the val split (data.val_size)" in table
     lines = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert sorted(line["kind"] for line in lines) == ["mean", "mean", "run", "run", "run", "run"]
     assert (tmp_path / "curves.png").stat().st_size > 10_000
@@ -219,7 +219,7 @@ def test_a_count_steps_by_its_own_factor_and_a_bad_factor_is_refused_before_writ
     grid = {(t, w): 80.0 + (w == 3) + (t == 4) for t in (4, 12) for w in (1, 3)}  # best: 4 heads, weight 3
     keys, rows = summarise(find_runs(fake_sweep(tmp_path / "runs", grid)), by=[TAU, WEIGHT])
     assert extension(keys, rows, [f"{TAU}:2", WEIGHT]) == [f"{TAU}=2 {WEIGHT}=1,3", f"{TAU}=4,12,2 {WEIGHT}=9"]
-    assert extension(keys, rows, [f"{TAU}:2.5"]) == [f"{TAU}=1.6 {WEIGHT}=1,3"]  # a non-integer step leaves ints
+    assert extension(keys, rows, [f"{TAU}:2.5"]) == []  # ints in the runs are a count: 1.6 heads cannot run
     result = run_cli("-m shd_vision.report", f"dir={tmp_path / 'runs'}", f"by=[{TAU},{WEIGHT}]", f"extend=[{TAU}:1]")
     assert result.returncode == 2
     assert f"extend=[{TAU}:1]: the step factor after ':' is '1'; give a number above 1" in paragraph(result.stderr)
@@ -231,6 +231,35 @@ def test_a_count_steps_by_its_own_factor_and_a_bad_factor_is_refused_before_writ
 def test_a_sweep_around_a_choice_takes_one_step_either_side_of_each_extendable_key():
     assert around(f"{TAU}=2 {WEIGHT}=27", [TAU, WEIGHT]) == f"{TAU}=0.6667,2,6 {WEIGHT}=9,27,81"
     assert around(f"{TAU}=0.5 {WEIGHT}=4", [f"{WEIGHT}:2"]) == f"{TAU}=0.5 {WEIGHT}=2,4,8"  # tau as chosen
+    assert around(f"{TAU}=0.3333 {WEIGHT}=0", [TAU, WEIGHT]) == f"{TAU}=0.1111,0.3333,1.0 {WEIGHT}=0"  # 1.0, not 0.9999
+    assert around(f"{TAU}=1 {WEIGHT}=3", [f"{TAU}:2", WEIGHT]) == f"{TAU}=1,2 {WEIGHT}=1,3,9"  # no half a relation head
+
+
+def test_a_grid_edge_where_no_step_can_go_is_flagged_and_not_extended(tmp_path):
+    grid = {(t, w): 80.0 + (t == 1) + (w == 3) for t in (1, 2) for w in (0.0, 3.0)}  # best: 1 relation head, weight 3
+    keys, rows = summarise(find_runs(fake_sweep(tmp_path / "runs", grid)), by=[TAU, WEIGHT])
+    assert extension(keys, rows, [f"{TAU}:2", WEIGHT]) == [f"{TAU}=1,2 {WEIGHT}=9.0"]  # the weight only
+    grid = {(t, w): 80.0 + (t == 1) + (w == 0) for t in (1, 2) for w in (0.0, 3.0)}  # best: 1 head, weight 0
+    keys, rows = summarise(find_runs(fake_sweep(tmp_path / "zero", grid)), by=[TAU, WEIGHT])
+    assert extension(keys, rows, [f"{TAU}:2", WEIGHT]) == []
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path / 'zero'}", f"by=[{TAU},{WEIGHT}]", f"extend=[{TAU}:2,{WEIGHT}]")
+    assert result.returncode == 0 and (tmp_path / "zero/extend.txt").read_text() == ""
+    for key, value, side in ((TAU, 1, "smallest"), (WEIGHT, 0.0, "smallest")):
+        assert f"EDGE: the best {key}={value} is the {side} value tried" in paragraph(result.stderr)
+    assert paragraph(result.stderr).count("no step can go past it") == 2
+
+
+def test_ties_go_to_the_lower_validation_loss_and_are_flagged(tmp_path):
+    fake_sweep(tmp_path, {(1.0, 1): 85.34, (2.0, 1): 85.34, (6.0, 1): 80.0})
+    for run, loss in zip(sorted(tmp_path.iterdir()), (0.52, 0.48, 0.6)):
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps(summary | {"val_loss": loss}))
+    keys, rows = summarise(find_runs(tmp_path), by=[TAU])
+    assert [r[TAU] for r in rows] == [2.0, 1.0, 6.0]  # not the order the directories were read in
+    assert edge_optima(keys, rows) == {}
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path}", f"by=[{TAU}]")
+    assert "TIE: the best top-1 (85.34) is shared by 2.0 and 1.0; the lowest validation loss chose 2.0" in \
+        paragraph(result.stderr)
 
 
 def test_rows_of_several_keys_pair_with_the_reference_at_their_own_value(tmp_path):
@@ -250,6 +279,48 @@ def test_rows_of_several_keys_pair_with_the_reference_at_their_own_value(tmp_pat
         assert f"| {h} | shd | {70 + 5 * h + 2 + (1 + h) / 2:.2f} ± " in table
         assert next(line for line in table.splitlines() if line.startswith(f"| {h} | shd")).count("+2.00 [+2.00, +2.00]") == 1
     assert (tmp_path / "runs/trend.png").stat().st_size > 10_000
+    assert "EDGE" not in table and "EDGE" not in result.stderr  # the study's x is varied on purpose, not chosen
+
+
+def test_paired_cells_say_how_many_seeds_paired_and_refuse_a_repeated_one(tmp_path):
+    """The reviewer's example: shd seeds {0: 81, 1: 83} against logit {0: 80, 1: 81, 2: 82}."""
+    runs = {("shd", 0): 81.0, ("shd", 1): 83.0, ("logit", 0): 80.0, ("logit", 1): 81.0, ("logit", 2): 82.0,
+            ("fitnet", 2): 84.0, ("ce", 0): 79.0, ("ce", 0, "again"): 79.5}
+    for i, (key, value) in enumerate(runs.items()):
+        run = tmp_path / "runs" / str(i)
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"seed": key[1], "kd": {"name": key[0]}}))
+        (run / "summary.json").write_text(json.dumps({"top1": value, "train_samples_per_s": 1.0, "wall_time_s": 1.0}))
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path / 'runs'}", "by=[kd.name]", "paired=[logit]")
+    assert result.returncode == 0, result.stderr
+    cells = {line.split(" | ")[0][2:]: line.split(" | ") for line in (tmp_path / "runs/results.md").read_text().splitlines()
+             if line.startswith("| ") and "---" not in line and "kd.name" not in line}
+    assert cells["shd"][1:3] == ["82.00 ± 1.41", "2"] and cells["shd"][4] == "+1.50 [−4.85, +7.85] (2 pairs)".replace("−", "-")
+    assert cells["fitnet"][1] == "84.00" and cells["fitnet"][4] == "+2.00 (1 pair, no CI)"  # one seed: no spread
+    assert cells["ce"][4] == "–" and "REPEATED SEEDS: row ce holds seed(s) 0 more than once" in paragraph(result.stderr)
+    assert cells["logit"][4] == ""
+
+
+def test_a_reference_value_shared_by_another_key_does_not_blank_a_row(tmp_path):
+    """paired=[4] is ambiguous (4 heads or 4 relation heads) and refused; named, the row with 4
+    student heads still gets its difference."""
+    for i, (heads, relation, seed) in enumerate((h, r, s) for h in (2, 4) for r in (4, 12) for s in (0, 1)):
+        run = tmp_path / "runs" / str(i)
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "model": {"num_heads": heads},
+                                                         "kd": {"terms": {"minilm": {"relation_heads": relation}}}}))
+        (run / "summary.json").write_text(json.dumps({"top1": 80.0 + heads + relation / 4 + seed, "train_samples_per_s": 1.0,
+                                                      "wall_time_s": 1.0}))
+    by = "by=[model.num_heads,kd.terms.minilm.relation_heads]"
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path / 'runs'}", by, "paired=[4]")
+    assert result.returncode == 2 and "paired=4 is a value of model.num_heads and of kd.terms.minilm.relation_heads; " \
+        "name the key, e.g. paired=['kd.terms.minilm.relation_heads=4'] (quoted for Hydra)" in paragraph(result.stderr)
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path / 'runs'}", by, "paired=['kd.terms.minilm.relation_heads=4']")
+    assert result.returncode == 0, result.stderr
+    rows = {tuple(line.split(" | ")[:2]): line.split(" | ") for line in (tmp_path / "runs/results.md").read_text().splitlines()
+            if line.startswith("| ") and "---" not in line and "num_heads" not in line}
+    assert rows["| 2", "12"][5] == "+2.00 [+2.00, +2.00]" and rows["| 4", "12"][5] == "+2.00 [+2.00, +2.00]"
+    assert rows["| 2", "4"][5] == "" and rows["| 4", "4"][5] == ""
 
 
 def test_trend_lines_share_one_ordered_axis():

@@ -289,18 +289,20 @@ def _number(value: Any) -> bool:
 
 def edge_optima(keys: List[str], rows: List[Dict[str, Any]], studied: Optional[str] = None
                 ) -> Dict[str, Tuple[Any, str, List[Any]]]:
-    """``{key: (best value, "smallest" | "largest", values tried)}`` for every swept numeric key
-    whose value in the best row lies at an end of the values the runs tried: the optimum may lie
-    beyond the grid, so a choice made there is incomplete. ``studied`` (the report's ``x``) is
-    what a study varies on purpose, not a choice, and is never flagged."""
-    edges = {}
+    """``{key: (best value, "smallest" | "largest", values tried)}`` for every numeric key swept
+    through the best row (rows equal to it on every other key take two or more of its values)
+    whose best value lies at an end of them: the optimum may lie beyond the grid, so a choice
+    made there is incomplete. A key that only differs between methods (each method's own weight
+    in a comparison) is not swept; ``studied`` (the report's ``x``) is varied on purpose, not
+    chosen, and is never flagged."""
+    best, edges = rows[0], {}
     for key in keys:
         if key == studied:
             continue
-        tried = sorted({r[key] for r in rows if _number(r[key])})
-        best = rows[0][key]
-        if len(tried) > 1 and _number(best) and best in (tried[0], tried[-1]):
-            edges[key] = (best, "smallest" if best == tried[0] else "largest", tried)
+        line = [r for r in rows if all(r[k] == best[k] for k in keys if k != key)]
+        tried = sorted({r[key] for r in line if _number(r[key])})
+        if len(tried) > 1 and _number(best[key]) and best[key] in (tried[0], tried[-1]):
+            edges[key] = (best[key], "smallest" if best[key] == tried[0] else "largest", tried)
     return edges
 
 

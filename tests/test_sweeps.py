@@ -337,3 +337,18 @@ def test_trend_lines_are_dodged_within_a_quarter_of_the_narrowest_gap():
     assert dodge([1.0, 10.0, 100.0], 5, log_x=True) == pytest.approx([-0.125, -0.0625, 0.0, 0.0625, 0.125])  # decades
     assert dodge([3.0], 2, log_x=False) == pytest.approx([-0.125, 0.125])  # one x: a unit-wide axis
     assert dodge([1.0, 2.0], 1, log_x=False) == [0.0]
+
+
+def test_a_key_that_only_tells_methods_apart_is_not_an_edge(tmp_path):
+    """A comparison (kd.name with each method's own weight) has nothing swept to extend; a weight
+    swept within one method is flagged along that method's line."""
+    rows = {("none", 0.0, 0.0): 70.0, ("logit", 1.0, 0.0): 72.0, ("shd", 1.0, 1.0): 75.0, ("shd", 1.0, 3.0): 76.0}
+    for i, ((name, logit, shd), value) in enumerate(rows.items()):
+        run = tmp_path / str(i)
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "kd": {"name": name, "terms": {
+            "logit": {"weight": logit}, "shd": {"weight": shd}}}}))
+        (run / "summary.json").write_text(json.dumps({"top1": value, "train_samples_per_s": 1.0, "wall_time_s": 1.0}))
+    keys, rows = summarise(find_runs(tmp_path))
+    assert keys == ["kd.name", "kd.terms.logit.weight", WEIGHT]
+    assert edge_optima(keys, rows) == {WEIGHT: (3.0, "largest", [1.0, 3.0])}  # not logit's weight, nor shd's 0 of none

@@ -122,3 +122,12 @@ def test_a_sweep_whose_report_refuses_its_runs_stops_the_study(tmp_path):
     assert out.returncode != 0 and "chosen:" not in out.stdout
     assert "would mix runs defined differently, in study (shd_logit: 1 run(s), shd_logit_select: 1 run(s))" in \
         " ".join(out.stderr.split()), out.stderr[-2000:]
+
+
+def test_a_sweep_stopped_by_the_cap_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDY_EXTEND", "1")
+    out = tune(tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (f"sweep shd, 1 extension round(s) (cap STUDY_EXTEND=1): stopped at the cap, still on an edge: EDGE: the "
+            f"best {WEIGHT}=9 is the largest value tried (1, 3, 9)") in " ".join(out.stderr.split())
+    assert out.stdout.strip() == f"chosen: {TAU}=2 {WEIGHT}=9"

@@ -50,3 +50,42 @@ def test_the_shipped_teacher_is_strong_and_timm_loadable(tmp_path):
     assert tuple(model.pretrained_cfg["input_size"]) == (1, 28, 28) and tuple(model.pretrained_cfg["mean"]) == (0.286,)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert sum(f.stat().st_size for f in shipped.iterdir()) < 4_000_000
+
+
+def test_accuracy_against_counting_by_hand_and_refusals_of_meaningless_numbers():
+    import pytest
+    import torch
+
+    from shd_vision.engine.metrics import evaluate, per_class_accuracy
+    from shd_vision.engine.runtime import Runtime
+    from shd_vision.errors import UserError
+
+    rt = Runtime(device=torch.device("cpu"))
+    logits = torch.tensor([[3.0, 1, 0], [3, 1, 0], [0, 3, 1], [1, 0, 3], [0, 1, 3]])
+    labels = torch.tensor([0, 1, 1, 2, 1])  # right: rows 0, 2, 3; row 1 predicts 0, row 4 predicts 2
+    loader = [(logits[:3], labels[:3]), (logits[3:], labels[3:])]  # batches of 3 and 2: the loss is per image
+    m = evaluate(lambda x: x, loader, 3, rt)
+    assert m["top1"] == pytest.approx(60.0) and m["top5"] == 100.0 and m["samples"] == 5
+    assert m["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
+    assert m["confusion"].sum() == 5 and m["confusion"][2, 2] == 1
+    recall = per_class_accuracy(torch.tensor([[2, 0, 0], [1, 1, 0], [0, 0, 0]]))
+    assert recall[:2].tolist() == [100.0, 50.0] and torch.isnan(recall[2])  # no images: not 0%
+    broken = logits.clone()
+    broken[2] = float("nan")  # argmax of NaN is 0: a plausible top-1 if it were counted
+    with pytest.raises(UserError, match="non-finite logits .* for 1 of 5 validation images"):
+        evaluate(lambda x: x, [(broken, labels)], 3, rt)
+
+
+def test_eval_refuses_data_whose_class_names_differ_from_the_checkpoints(tmp_path):
+    assert run_cli("train.py", *debug_args(tmp_path, "kd=none")).returncode == 0
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    import torch
+    ckpt_path = tmp_path / "run/checkpoints/last.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["classes"] == names
+    ckpt["classes"] = names[:5] + ["Sandals"] + names[6:]
+    torch.save(ckpt, tmp_path / "renamed.pt")
+    result = run_cli("eval.py", f"ckpt={tmp_path}/renamed.pt", "hydra.run.dir=" + f"{tmp_path}/eval")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "was trained on classes the data names differently or in another order (5: Sandals in the checkpoint, " \
+           "Sandal here)" in " ".join(result.stderr.split())

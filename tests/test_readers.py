@@ -376,6 +376,18 @@ def test_a_class_map_sets_the_class_order_of_a_folder(tmp_path):
     (tmp_path / "short.txt").write_text("\n".join(string_order[:8]) + "\n")
     with pytest.raises(datasets.UserError, match="does not list the class folders 8, 9 of"):
         open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "f"), class_map=str(tmp_path / "short.txt")))
+    for split in SPLITS:  # the same folders as tar archives: timm's tar reader drops unlisted classes silently too
+        with tarfile.open(tmp_path / f"{split}.tar", "w") as tar:
+            tar.add(tmp_path / "f" / split, arcname=".")
+    (tmp_path / "t").mkdir()
+    for split in SPLITS:
+        (tmp_path / f"{split}.tar").rename(tmp_path / "t" / f"{split}.tar")
+    assert open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "t"), class_map=str(tmp_path / "map.txt")))[2] \
+        == string_order
+    with pytest.raises(datasets.UserError, match=r"does not list the class folders 8, 9 of .*train.tar"):
+        open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "t"), class_map=str(tmp_path / "short.txt")))
+    with pytest.raises(datasets.UserError, match="data.num_classes=9 but the data has 10 classes"):
+        open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "f"), num_classes=9, holdout=20))
     with pytest.raises(datasets.UserError, match="data.class_map=.*missing.txt is not a file"):
         open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "f"), class_map=str(tmp_path / "missing.txt")))
     fashion = OmegaConf.merge(OmegaConf.load("conf/data/fashion_mnist.yaml"), {"class_map": "map.txt"})

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from timm.data import IterableImageDataset, create_dataset
+from timm.data.readers import get_img_extensions
 from timm.data.readers.reader_wds import ReaderWds
 
 from shd_vision.errors import UNREADABLE, UnreadableImage, UserError
@@ -160,13 +161,23 @@ def image_folder(root: str, split: str, class_map: Optional[str] = None) -> Timm
     if images is None or not len(images):
         raise UserError(f"data.root={root}: {source.name} holds no images in class folders"
                         f"{f' ({problem})' if images is None else ''}; {layout}.")
-    unlisted = sorted({p.name for p in source.iterdir() if p.is_dir()} - set(images.classes)) if (
-        class_map and source.is_dir()) else []
+    unlisted = sorted(_class_folders(source) - set(images.classes)) if class_map else []
     if unlisted:  # timm's reader would drop their images without a word
         raise UserError(f"data.class_map={class_map} does not list the class folders {', '.join(unlisted[:5])}"
                         f"{' ...' if len(unlisted) > 5 else ''} of {source}; list every class folder, one "
                         "name per line in the teacher's order.")
     return images
+
+
+def _class_folders(source: Path) -> set:
+    """The class folders of a split folder, or of a split archive (the folders holding its images;
+    one pass over the archive's headers)."""
+    if source.is_dir():
+        return {p.name for p in source.iterdir() if p.is_dir()}
+    extensions = set(get_img_extensions())
+    with tarfile.open(source) as archive:
+        return {Path(m.name).parent.name for m in archive
+                if m.isfile() and Path(m.name).suffix.lower() in extensions and Path(m.name).parent.name}
 
 
 def hf_dataset(name: str, root: Optional[str], split: str, class_map: Optional[str] = None,

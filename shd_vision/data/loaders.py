@@ -79,7 +79,9 @@ def open_splits(cfg: DictConfig) -> Tuple[Dataset, Dataset, List[str]]:
     """
     train = open_split(cfg, cfg.train_split)
     if cfg.holdout:
-        return _carve(cfg, train, open_split(cfg, cfg.train_split))
+        splits = _carve(cfg, train, open_split(cfg, cfg.train_split))
+        _check_class_count(cfg, splits[2])
+        return splits
     val = open_split(cfg, cfg.val_split)
     if getattr(train, "numbered", False) and getattr(val, "numbered", False):  # the larger label range names both
         train.classes = val.classes = max(train.classes, val.classes, key=len)
@@ -87,10 +89,14 @@ def open_splits(cfg: DictConfig) -> Tuple[Dataset, Dataset, List[str]]:
         raise UserError(f"data.root={cfg.root}: the {cfg.train_split} and {cfg.val_split} splits have "
                         "different classes; both need the same class folders.")
     classes = list(train.classes)
+    _check_class_count(cfg, classes)
+    return train, val, classes
+
+
+def _check_class_count(cfg: DictConfig, classes: List[str]) -> None:
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
         raise UserError(f"data.num_classes={cfg.num_classes} but the data has {len(classes)} classes; "
                         "set data.num_classes=null to take the count from the data.")
-    return train, val, classes
 
 
 def content_ids(cfg: DictConfig, splits: Tuple[Dataset, Dataset, List[str]]) -> Tuple[str, str]:

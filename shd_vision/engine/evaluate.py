@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -95,7 +96,13 @@ def _evaluate(cfg: DictConfig, rt: runtime.Runtime, out_dir: Path) -> Dict[str, 
                             f"{len(classes)}; evaluate it on the data it was trained on.")
     else:
         model = build(spec, len(classes), "model")
-        load_weights(model, path, "ckpt", use_ema=cfg.use_ema)
+        trained = load_weights(model, path, "ckpt", use_ema=cfg.use_ema).get("classes")
+        if trained is not None and list(trained) != classes:  # the count matched: names or order differ
+            wrong = [f"{i}: {a} in the checkpoint, {b} here" for i, (a, b) in enumerate(zip(trained, classes)) if a != b]
+            raise UserError(f"ckpt={path} was trained on classes the data names differently or in another order "
+                            f"({'; '.join(wrong[:3])}{f' and {len(wrong) - 3} more' if len(wrong) > 3 else ''}), so "
+                            "each output would be scored against another class. Evaluate it on its own data, or give "
+                            "data.class_map=FILE listing the checkpoint's classes in its order.")
     data_config = resolve_input(data, model)
     loader = build_val_loader(data, val_set, data_config, rt.rank, rt.world)
     model.to(rt.device).eval()
@@ -107,9 +114,9 @@ def _evaluate(cfg: DictConfig, rt: runtime.Runtime, out_dir: Path) -> Dict[str, 
     per_class = per_class_accuracy(metrics["confusion"]).tolist()
     report = {
         "ckpt": str(path), "model": model.pretrained_cfg.get("architecture"), "params": count_params(model),
-        "data": data.name, "split": data.val_split, "samples": metrics["samples"],
+        "data": data.name, "split": data.val_split, "val_size": data.get("val_size"), "samples": metrics["samples"],
         "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
-        "per_class_top1": dict(zip(classes, per_class)),
+        "per_class_top1": {c: None if math.isnan(a) else a for c, a in zip(classes, per_class)},  # null: no images
         "images_per_s_model": model_rate, "images_per_s_end_to_end": end_to_end,
         "batch_size": loader.batch_size, "precision": precision, "device": str(rt.device),
         "out_dir": str(out_dir),
@@ -120,15 +127,16 @@ def _evaluate(cfg: DictConfig, rt: runtime.Runtime, out_dir: Path) -> Dict[str, 
             writer = csv.writer(f)
             writer.writerow(["class", "top1", "images"])
             for name, acc, n in zip(classes, per_class, metrics["confusion"].sum(1).tolist()):
-                writer.writerow([name, f"{acc:.2f}", n])
+                writer.writerow([name, "" if math.isnan(acc) else f"{acc:.2f}", n])
         confusion_png(metrics["confusion"], classes, out_dir / "confusion.png", f"{path.name} on {data.name}")
-        worst = sorted(zip(per_class, classes))[:3]
+        worst = sorted((a, c) for a, c in zip(per_class, classes) if not math.isnan(a))[:3]
         log.info("evaluation of %s\n  model       %s\n  data        %s/%s, %d images\n"
                  "  top-1       %.2f%%   top-5 %.2f%%   loss %.4f\n"
                  "  worst       %s\n"
                  "  throughput  %.0f images/s model alone (batch %d, precision %s, %s); %.0f images/s end to end\n"
                  "  files       %s: eval.json, per_class.csv, confusion.png",
-                 path, describe(model), data.name, data.val_split, metrics["samples"],
+                 path, describe(model), data.name, data.val_split + (f" (the fixed subset data.val_size={data.val_size})"
+                                                                       if data.get("val_size") else ""), metrics["samples"],
                  metrics["top1"], metrics["top5"], metrics["loss"],
                  ", ".join(f"{c} {a:.1f}%" for a, c in worst),
                  model_rate, loader.batch_size, precision, rt.device, end_to_end, out_dir)

@@ -12,7 +12,8 @@ import torch
 def confusion_png(confusion: torch.Tensor, classes: Sequence[str], path: Path, title: str) -> Path:
     """Row-normalised confusion matrix (rows: true class) with per-class recall on the y labels."""
     counts = confusion.double()
-    rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    rows = counts.sum(1, keepdim=True)
+    rates = counts / rows.clamp(min=1)
     n = len(classes)
     size = max(5.0, 0.45 * n + 2) if n <= 40 else 12.0
     fig, ax = plt.subplots(figsize=(size, size))
@@ -20,7 +21,8 @@ def confusion_png(confusion: torch.Tensor, classes: Sequence[str], path: Path, t
     if n <= 40:
         ticks = range(n)
         ax.set_xticks(ticks, [str(c) for c in classes], rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(ticks, [f"{c} ({100 * rates[i, i]:.0f}%)" for i, c in enumerate(classes)], fontsize=8)
+        ax.set_yticks(ticks, [f"{c} ({100 * rates[i, i]:.0f}%)" if rows[i] else f"{c} (no images)"
+                              for i, c in enumerate(classes)], fontsize=8)
         for i in range(n):
             for j in range(n):
                 if counts[i, j] > 0:

@@ -64,8 +64,9 @@ def write_hf(root):
         Dataset.from_dict(data, features=features).to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
 
 
-def write_shards(root, shards=None):
-    """WebDataset shards: 4 train shards of 16 samples, 2 validation shards, and _info.json."""
+def write_shards(root, shards=None, broken=()):
+    """WebDataset shards: 4 train shards of 16 samples, 2 validation shards, and _info.json; the
+    samples numbered in ``broken`` hold bytes no image decoder reads."""
     root.mkdir(parents=True)
     info = {"name": "digits", "classes": CLASSES, "splits": {}}
     for split, n in SPLITS.items():
@@ -75,6 +76,7 @@ def write_shards(root, shards=None):
         for s, name in enumerate(names):
             with tarfile.open(root / name, "w") as tar:
                 for key, label, png in items[s::count]:
+                    png = b"not an image" if int(key.split("-")[1]) in broken else png
                     for ext, payload in (("png", png), ("cls", str(label).encode())):
                         member = tarfile.TarInfo(f"{key}.{ext}")
                         member.size = len(payload)
@@ -296,7 +298,9 @@ def count_validation(rank, world, port, cfgs, out):
 @pytest.mark.parametrize("processes", [1, 2])
 def test_validation_on_shards_counts_each_sample_once(tmp_path, processes):
     """32 validation samples in 1, 2 or 3 shards, 1 or 2 processes with 2 loader workers each (so
-    down to 1 shard for 4 workers): the record counts 32, and each sample was read once."""
+    down to 1 shard for 4 workers): the record counts 32, and each sample was read once. With an
+    undecodable sample (timm skips it) the record counts the other 31, each once (under two
+    processes timm's stream used to restart a short worker's shards: a sample twice)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -306,6 +310,9 @@ def test_validation_on_shards_counts_each_sample_once(tmp_path, processes):
         write_shards(tmp_path / f"wds{shards}", shards=shards)
         cfgs.append(OmegaConf.to_container(reader_cfg(tmp_path, "wds", batch_size=4, num_workers=2,
                                                       root=str(tmp_path / f"wds{shards}"))))
+    write_shards(tmp_path / "broken", shards=4, broken=(5,))
+    cfgs.append(OmegaConf.to_container(reader_cfg(tmp_path, "wds", batch_size=4, num_workers=2,
+                                                  root=str(tmp_path / "broken"))))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -317,6 +324,8 @@ def test_validation_on_shards_counts_each_sample_once(tmp_path, processes):
     for shards in (0, 1, 2):
         assert [r[shards]["samples"] for r in ranks] == [32] * processes, shards + 1
         assert sorted(i for r in ranks for i in r[shards]["seen"]) == list(range(32)), shards + 1
+    assert [r[3]["samples"] for r in ranks] == [31] * processes
+    assert sorted(i for r in ranks for i in r[3]["seen"]) == [i for i in range(32) if i != 5]
 
 
 def test_a_stream_epoch_is_capped_at_its_split_and_never_repeats_a_sample(tmp_path, caplog):

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from timm.data import IterableImageDataset, create_dataset
 from timm.data.readers import get_img_extensions
-from timm.data.readers.reader_wds import ReaderWds
+from timm.data.readers.reader_wds import ReaderWds, remap_target
 
 from shd_vision.errors import UNREADABLE, UnreadableImage, UserError
 
@@ -216,6 +216,21 @@ class ShardReader(ReaderWds):
         if self.is_training:
             return self.per_worker
         return self._worker_samples(self.global_worker_id, self.global_num_workers)
+
+    def __iter__(self):
+        """Training as timm streams it; validation reads each of this worker's shards once. (timm
+        cuts validation under several processes with ``with_epoch``, which restarts a worker's
+        shards when a sample it skipped as undecodable left it short: a sample counted twice.)"""
+        if self.is_training:
+            yield from super().__iter__()
+            return
+        if self.ds is None:
+            self._lazy_init()
+        for sample in self.ds:
+            target = sample["target"]
+            if self.remap_class:
+                target = remap_target(target, self.class_to_idx, self._source_names, dense=self.dense_target)
+            yield sample["image"], target
 
     def __len__(self) -> int:  # this process's samples
         if self.is_training:

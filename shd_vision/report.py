@@ -273,14 +273,13 @@ def markdown(keys: List[str], rows: List[Dict[str, Any]], references: List[str] 
 
 
 def validated_on(runs: List[Run]) -> str:
-    """Which images the table's top-1 is measured on."""
-    holdouts = {r.config.get("data.holdout") for r in runs}
-    if holdouts == {None}:
-        splits = "/".join(sorted({str(r.config.get("data.val_split")) for r in runs}))
-        sizes = "/".join(sorted({str(r.config.get("data.val_size")) for r in runs}))
-        return (f"validation top-1 on the {splits} split" if sizes == "None" else
-                f"validation top-1 on {sizes} images of the {splits} split (data.val_size)")
-    return f"validation top-1 on {'/'.join(str(h) for h in sorted(holdouts, key=str))} held-out training images (data.holdout)"
+    """Which images the table's top-1 is measured on (each kind, where runs differ)."""
+    def where(run: Run) -> str:
+        holdout, split, size = (run.config.get(f"data.{k}") for k in ("holdout", "val_split", "val_size"))
+        if holdout:
+            return f"{holdout} held-out training images (data.holdout)"
+        return f"{size} images of the {split} split (data.val_size)" if size else f"the {split} split"
+    return "validation top-1 on " + " / ".join(sorted({where(r) for r in runs}))
 
 
 def _number(value: Any) -> bool:

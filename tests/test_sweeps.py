@@ -352,3 +352,18 @@ def test_a_key_that_only_tells_methods_apart_is_not_an_edge(tmp_path):
     keys, rows = summarise(find_runs(tmp_path))
     assert keys == ["kd.name", "kd.terms.logit.weight", WEIGHT]
     assert edge_optima(keys, rows) == {WEIGHT: (3.0, "largest", [1.0, 3.0])}  # not logit's weight, nor shd's 0 of none
+
+
+def test_the_table_says_which_images_each_kind_of_run_was_validated_on():
+    from pathlib import Path
+
+    from shd_vision.report import Run, validated_on
+
+    def run(**data):
+        return Run(Path("."), {f"data.{k}": v for k, v in {"val_split": "test", "val_size": None, "holdout": None,
+                                                           **data}.items()}, {})
+    assert validated_on([run()]) == "validation top-1 on the test split"
+    assert validated_on([run(val_size=5000)]) == "validation top-1 on 5000 images of the test split (data.val_size)"
+    assert validated_on([run(val_size=5000, holdout=5000), run(val_size=5000)]) == (
+        "validation top-1 on 5000 held-out training images (data.holdout) / 5000 images of the test split "
+        "(data.val_size)")  # never "None/5000 held-out"

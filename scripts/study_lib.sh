@@ -47,7 +47,7 @@ tune() {  # sweep name, swept keys (k1,k2), their grid ("k1=a,b k2=c,d"), the ke
     r=$((r + 1)); mkdir -p $plans && cp $dir/extend.txt $plans/r$r.txt && round "$@"
   done
   edges=$(grep -o "EDGE: .*" $dir/results.md || true)
-  if [ -n "$edges" ] && [ $r -ge "${STUDY_EXTEND:-3}" ]; then edges="stopped at the cap, still on an edge: $edges"; fi
+  if [ -s $dir/extend.txt ]; then edges="stopped at the cap, still on an edge: $edges"; fi  # a step was left to run
   echo "sweep $name, $r extension round(s) (cap STUDY_EXTEND=${STUDY_EXTEND:-3}): ${edges:-every chosen value is interior}" \
     | tee -a $root/$sweeps/edges.txt >&2
   cat $dir/best_overrides.txt

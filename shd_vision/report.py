@@ -341,14 +341,17 @@ def _step(item: str) -> Tuple[str, float]:
 def beyond_edges(keys: List[str], rows: List[Dict[str, Any]], extendable: List[str], studied: Optional[str] = None
                  ) -> Dict[str, Optional[Any]]:
     """``{key: its next value past its edge, or None where no step can go}`` for every edge key in
-    ``extendable`` (``key`` or ``key:factor``; a key whose runs hold ints is a count)."""
+    ``extendable`` (``key`` or ``key:factor``). A key given with its own factor whose runs hold
+    whole numbers is a count (relation heads); a plain key is not, even when its grid was written
+    as whole numbers (``temperature=1,2,4``: 1 / 3 is a valid temperature)."""
     edges = edge_optima(keys, rows, studied)
     factors = dict(_step(item) for item in extendable)
     unknown = [k for k in factors if k not in keys]
     if unknown:  # a misspelt key would silently leave its edge unextended
         raise UserError(f"extend=[{','.join(extendable)}]: {', '.join(unknown)} is not one of the table's keys "
                         f"(by=...): {', '.join(keys)}.")
-    count = {k: all(isinstance(r[k], int) and _number(r[k]) for r in rows) for k in factors}  # int config fields
+    explicit = {item.partition(":")[0] for item in extendable if ":" in item}
+    count = {k: k in explicit and all(isinstance(r[k], int) and _number(r[k]) for r in rows) for k in factors}
     return {k: _beyond(edges[k][0], edges[k][1], factors[k], count[k]) for k in keys if k in edges and k in factors}
 
 

@@ -219,13 +219,20 @@ def test_a_count_steps_by_its_own_factor_and_a_bad_factor_is_refused_before_writ
     grid = {(t, w): 80.0 + (w == 3) + (t == 4) for t in (4, 12) for w in (1, 3)}  # best: 4 heads, weight 3
     keys, rows = summarise(find_runs(fake_sweep(tmp_path / "runs", grid)), by=[TAU, WEIGHT])
     assert extension(keys, rows, [f"{TAU}:2", WEIGHT]) == [f"{TAU}=2 {WEIGHT}=1,3", f"{TAU}=4,12,2 {WEIGHT}=9"]
-    assert extension(keys, rows, [f"{TAU}:2.5"]) == []  # ints in the runs are a count: 1.6 heads cannot run
+    assert extension(keys, rows, [f"{TAU}:2.5"]) == []  # key:factor on ints is a count: 1.6 heads cannot run
+    assert extension(keys, rows, [TAU]) == [f"{TAU}=1.333 {WEIGHT}=1,3"]  # a plain key written as ints is not
+
     result = run_cli("-m shd_vision.report", f"dir={tmp_path / 'runs'}", f"by=[{TAU},{WEIGHT}]", f"extend=[{TAU}:1]")
     assert result.returncode == 2
     assert f"extend=[{TAU}:1]: the step factor after ':' is '1'; give a number above 1" in paragraph(result.stderr)
     assert not (tmp_path / "runs/results.md").exists() and not (tmp_path / "runs/extend.txt").exists()
     with pytest.raises(UserError, match=rf"extend=\[{TAU}:2,kd.terms.shd.wieght\]: kd.terms.shd.wieght is not one"):
         extension(keys, rows, [f"{TAU}:2", "kd.terms.shd.wieght"])  # misspelt: its edge would stay unextended
+
+
+def test_a_temperature_grid_written_as_whole_numbers_still_steps_below_one(tmp_path):
+    keys, rows = summarise(find_runs(fake_sweep(tmp_path, {(t, 1): 80.0 - t for t in (1, 2)})), by=[TAU, WEIGHT])
+    assert extension(keys, rows, [TAU, WEIGHT]) == [f"{TAU}=0.3333 {WEIGHT}=1"]
 
 
 def test_a_sweep_around_a_choice_takes_one_step_either_side_of_each_extendable_key():

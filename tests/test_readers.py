@@ -395,6 +395,16 @@ def test_a_class_map_sets_the_class_order_of_a_folder(tmp_path):
         == string_order
     with pytest.raises(datasets.UserError, match=r"does not list the class folders 8, 9 of .*train.tar"):
         open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "t"), class_map=str(tmp_path / "short.txt")))
+    (tmp_path / "n").mkdir()  # ImageNet's train archive: one inner archive per class
+    for split in SPLITS:
+        with tarfile.open(tmp_path / "n" / f"{split}.tar", "w") as outer:
+            for folder in sorted((tmp_path / "f" / split).iterdir()):
+                with tarfile.open(tmp_path / f"{folder.name}.tar", "w") as inner:
+                    for image in sorted(folder.iterdir()):
+                        inner.add(image, arcname=image.name)
+                outer.add(tmp_path / f"{folder.name}.tar", arcname=f"{folder.name}.tar")
+    with pytest.raises(datasets.UserError, match=r"does not list the class folders 8, 9 of .*n/train.tar"):
+        open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "n"), class_map=str(tmp_path / "short.txt")))
     with pytest.raises(datasets.UserError, match="data.num_classes=9 but the data has 10 classes"):
         open_splits(reader_cfg(tmp_path, "folder", root=str(tmp_path / "f"), num_classes=9, holdout=20))
     with pytest.raises(datasets.UserError, match="data.class_map=.*missing.txt is not a file"):

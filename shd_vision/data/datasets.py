@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from timm.data import IterableImageDataset, create_dataset
-from timm.data.readers import get_img_extensions
+from timm.data.readers.reader_image_in_tar import extract_tarinfos
 from timm.data.readers.reader_wds import ReaderWds, remap_target
 
 from shd_vision.errors import UNREADABLE, UnreadableImage, UserError
@@ -170,14 +170,12 @@ def image_folder(root: str, split: str, class_map: Optional[str] = None) -> Timm
 
 
 def _class_folders(source: Path) -> set:
-    """The class folders of a split folder, or of a split archive (the folders holding its images;
-    one pass over the archive's headers)."""
+    """The class folders of a split folder, or the classes timm finds in a split archive (folders
+    inside it, or one inner archive per class: another pass over its headers, which timm caches
+    beside the archive where ``cache_tarinfo`` is on)."""
     if source.is_dir():
         return {p.name for p in source.iterdir() if p.is_dir()}
-    extensions = set(get_img_extensions())
-    with tarfile.open(source) as archive:
-        return {Path(m.name).parent.name for m in archive
-                if m.isfile() and Path(m.name).suffix.lower() in extensions and Path(m.name).parent.name}
+    return set(extract_tarinfos(str(source))[2])
 
 
 def hf_dataset(name: str, root: Optional[str], split: str, class_map: Optional[str] = None,

@@ -429,7 +429,7 @@ class _Writer:
             return found["validation"]
         val = build_val_loader(self.cfg.data, self.val, self.data_config, 0, 1)
         top1 = evaluate(self.teacher.predict, val, len(self.classes), runtime.Runtime(self.rt.device),
-                        self.cfg.trainer.precision, self.cfg.trainer.channels_last)["top1"]
+                        self.cfg.trainer.precision, self.cfg.trainer.channels_last, "the teacher")["top1"]
         log.info("teacher top-1 on the validation set: %.2f%%", top1)
         if not random_labels(self.val):
             check_teacher_top1(top1, len(self.classes), self.cfg.trainer.teacher_floor)

@@ -43,6 +43,14 @@ def resumable(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
 
 
+def inside_project(value: Any, root: str) -> Any:
+    """A path inside the project (a shipped teacher) as ``${paths.root_dir}/...``: the same run
+    in another clone of the project is the same run."""
+    if root and isinstance(value, str) and value.startswith(root + "/"):
+        return "${paths.root_dir}" + value[len(root):]
+    return value
+
+
 def greater_than(bound: float, default: Any = MISSING) -> Any:
     return field(default=default, metadata={"gt": bound})
 

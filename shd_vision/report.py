@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import shd_vision.viz  # noqa: F401  (matplotlib without a display)
 from shd_vision import cli
-from shd_vision.config import resumable
+from shd_vision.config import inside_project, resumable
 from shd_vision.engine.logbook import format_duration, read_jsonl
 from shd_vision.errors import UserError
 
@@ -127,32 +127,31 @@ def paired_difference(runs: List[Run], reference: List[Run], seed_key: str = "se
     return {"diff": mean, "ci": (mean - half, mean + half), "pairs": len(diffs), "unpaired": unpaired}
 
 
-def _defining(run: Run, key: str) -> str:
-    """A run's value of ``key`` as text, a path inside its project relative to the project (the
-    same shipped teacher in two clones is the same teacher)."""
-    value, root = run.config.get(key), str(run.config.get("paths.root_dir") or "").rstrip("/")
-    if root and isinstance(value, str) and value.startswith(root + "/"):
-        value = "${paths.root_dir}" + value[len(root):]
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+def _shown(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:12] + "..." + text[-25:]  # two long paths differ at their ends
 
 
 def mixed_keys(members: List[Run], keys: List[str], seed_key: str = "seed") -> List[str]:
-    """``key (value: n runs, ...)`` for every run-defining key on which runs meant for one row
-    differ: the config outside ``keys``, the seed and the keys a run may change between sessions
-    (but ``trainer.max_steps``, which ends it early), and the facts of its summary. A key some
-    runs lack (recorded before it existed) is not compared."""
-    views = [{**r.config, **{f"run.{k}": v for k, v in (r.summary.get("facts") or {}).items()}} for r in members]
+    """``key (value: n runs, ...)`` for every run-defining value on which runs meant for one row
+    differ: their configs (paths inside a project relative to it: the same shipped teacher in two
+    clones), the facts of their summaries and the steps they ran (``run.steps``: a run stopped
+    early by ``trainer.max_steps`` is another result). Not compared: ``keys``, the seed, the keys
+    a run may change between sessions, and a key some runs lack (recorded before it existed)."""
+    views = [{**{k: inside_project(v, str(r.config.get("paths.root_dir") or "").rstrip("/"))
+                 for k, v in r.config.items()},
+              **{f"run.{k}": v for k, v in (r.summary.get("facts") or {}).items()},
+              **({"run.steps": r.summary["steps"]} if "steps" in r.summary else {})} for r in members]
     shared = set.intersection(*(set(v) for v in views))
     out = []
     for key in sorted(shared):
-        if key in keys or key == seed_key or key.startswith(IGNORED) or (resumable(key) and key != "trainer.max_steps"):
+        if key in keys or key == seed_key or key.startswith(IGNORED) or resumable(key):
             continue
         counts: Dict[str, int] = {}
-        for run, view in zip(members, views):
-            value = _defining(run, key) if key in run.config else json.dumps(view[key], sort_keys=True)
-            counts[value] = counts.get(value, 0) + 1
+        for view in views:
+            counts[_shown(view[key])] = counts.get(_shown(view[key]), 0) + 1
         if len(counts) > 1:
-            out.append(f"{key} ({', '.join(f'{v[:40]}: {n} run(s)' for v, n in counts.items())})")
+            out.append(f"{key} ({', '.join(f'{v}: {n} run(s)' for v, n in counts.items())})")
     return out
 
 
@@ -273,12 +272,17 @@ def markdown(keys: List[str], rows: List[Dict[str, Any]], references: List[str] 
 
 
 def validated_on(runs: List[Run]) -> str:
-    """Which images the table's top-1 is measured on (each kind, where runs differ)."""
+    """Which images the table's top-1 is measured on (each kind, where runs differ), counted as
+    the runs' last validation counted them (a stream ignores data.val_size; a holdout can be cut
+    by it); the config's sizes for records without counts."""
     def where(run: Run) -> str:
-        holdout, split, size = (run.config.get(f"data.{k}") for k in ("holdout", "val_split", "val_size"))
+        holdout, split, size, name = (run.config.get(f"data.{k}") for k in ("holdout", "val_split", "val_size", "name"))
+        counted = [int(r["samples"]) for r in run.records if r.get("split") == "val" and "samples" in r]
+        count = counted[-1] if counted else None if str(name).startswith("wds/") else min(
+            [n for n in (holdout, size) if n] or [None], key=lambda n: n or 0)
         if holdout:
-            return f"{holdout} held-out training images (data.holdout)"
-        return f"{size} images of the {split} split (data.val_size)" if size else f"the {split} split"
+            return f"{count} held-out training images (data.holdout)"
+        return f"{count} images of the {split} split" if count else f"the {split} split"
     return "validation top-1 on " + " / ".join(sorted({where(r) for r in runs}))
 
 
@@ -541,9 +545,10 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
               for key, (value, side, tried) in edges.items()]
     tied = [r for r in rows[1:] if round(r["top1"], 6) == round(rows[0]["top1"], 6)]
     if tied:
+        how = ("the lowest validation loss chose" if math.isfinite(rows[0]["val_loss"]) else
+               "the records hold no validation loss, so the order they were read in chose")
         flags.append(f"TIE: the best top-1 ({rows[0]['top1']:.2f}) is shared by {row_label(keys, rows[0])} and "
-                     f"{'; '.join(row_label(keys, r) for r in tied)}; the lowest validation loss chose "
-                     f"{row_label(keys, rows[0])}")
+                     f"{'; '.join(row_label(keys, r) for r in tied)}; {how} {row_label(keys, rows[0])}")
     for flag in flags:
         notes.append(flag)
         sys.stderr.write(f"report: {flag} ({root})\n")

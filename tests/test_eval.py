@@ -72,8 +72,8 @@ def test_accuracy_against_counting_by_hand_and_refusals_of_meaningless_numbers()
     assert recall[:2].tolist() == [100.0, 50.0] and torch.isnan(recall[2])  # no images: not 0%
     broken = logits.clone()
     broken[2] = float("nan")  # argmax of NaN is 0: a plausible top-1 if it were counted
-    with pytest.raises(UserError, match="non-finite logits .* for 1 of 5 validation images"):
-        evaluate(lambda x: x, [(broken, labels)], 3, rt)
+    with pytest.raises(UserError, match="the teacher gave non-finite logits .* for 1 of 5 validation images"):
+        evaluate(lambda x: x, [(broken, labels)], 3, rt, name="the teacher")
 
 
 def test_eval_refuses_data_whose_class_names_differ_from_the_checkpoints(tmp_path):

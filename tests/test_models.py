@@ -120,3 +120,5 @@ def test_an_image_size_that_is_not_whole_patches_is_refused():
                                         r"last 2 pixel rows or columns .* Use teacher.img_size=28 or 32"):
         build({**TINY, "img_size": 30}, 10, "teacher")
     assert build({**TINY, "img_size": 32}, 10, "model").patch_embed.grid_size == (8, 8)
+    padded = build({**TINY, "img_size": 30, "dynamic_img_size": True, "dynamic_img_pad": True}, 10, "model")
+    assert padded.forward_features(torch.zeros(1, 1, 30, 30)).shape[1] == 1 + 8 * 8  # every pixel in a patch

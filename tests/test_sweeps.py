@@ -47,7 +47,7 @@ def test_report_groups_runs_by_swept_values_and_averages_seeds(sweep, tmp_path):
         assert row["top1_std"] == pytest.approx((sum((t - mean) ** 2 for t in top1)) ** 0.5)  # n-1 = 1
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("| kd.name | kd.terms.logit.weight | top-1 (%) | seeds | last-quarter gain |")
-    assert table.split("\n\n")[0].count("\n") == 3 and "validation top-1 on 32 images of the val split (data.val_size)" in table
+    assert table.split("\n\n")[0].count("\n") == 3 and "validation top-1 on 32 images of the val split" in table
     lines = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert sorted(line["kind"] for line in lines) == ["mean", "mean", "run", "run", "run", "run"]
     assert (tmp_path / "curves.png").stat().st_size > 10_000
@@ -77,10 +77,16 @@ def test_a_row_never_mixes_runs_defined_differently(sweep, tmp_path):
         (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "b" / "config.yaml").write_text((tmp_path / "b" / "config.yaml").read_text().replace(
         str(PROJECT_ROOT), "/elsewhere/shd-vision"))  # another clone's paths.root_dir and the paths inside it
+    (tmp_path / "c" / "summary.json").write_text(json.dumps(json.loads((tmp_path / "c" / "summary.json").read_text())
+                                                            | {"steps": 1}))
     keys, rows = summarise([r for r in find_runs(tmp_path) if r.path.name != "c"], by=["kd.name"])
     assert [r["seeds"] for r in rows] == [2] and rows[0]["repeated_seeds"] == [0]
     result = run_cli("-m shd_vision.report", f"dir={tmp_path}", "by=[kd.name]", f"out={tmp_path / 'out'}")
-    assert result.returncode == 2 and "in trainer.max_steps (2: 2 run(s), 1: 1 run(s))" in paragraph(result.stderr)
+    assert result.returncode == 2 and "in run.steps (2: 2 run(s), 1: 1 run(s))" in paragraph(result.stderr)
+    (tmp_path / "b" / "config.yaml").write_text((tmp_path / "b" / "config.yaml").read_text().replace(
+        "max_steps: 2", "max_steps: 99"))  # another cap, the same 2 steps run: the same result
+    assert "max_steps: 99" in (tmp_path / "b" / "config.yaml").read_text()
+    assert summarise([r for r in find_runs(tmp_path) if r.path.name != "c"], by=["kd.name"])[1][0]["seeds"] == 2
     shutil.rmtree(tmp_path / "c")
     result = run_cli("-m shd_vision.report", f"dir={tmp_path}", "by=[kd.name]", f"out={tmp_path / 'out'}")
     assert result.returncode == 0 and "REPEATED SEEDS: row none holds seed(s) 0 more than once" in paragraph(result.stderr)
@@ -370,7 +376,12 @@ def test_the_table_says_which_images_each_kind_of_run_was_validated_on():
         return Run(Path("."), {f"data.{k}": v for k, v in {"val_split": "test", "val_size": None, "holdout": None,
                                                            **data}.items()}, {})
     assert validated_on([run()]) == "validation top-1 on the test split"
-    assert validated_on([run(val_size=5000)]) == "validation top-1 on 5000 images of the test split (data.val_size)"
+    assert validated_on([run(val_size=5000)]) == "validation top-1 on 5000 images of the test split"
     assert validated_on([run(val_size=5000, holdout=5000), run(val_size=5000)]) == (
-        "validation top-1 on 5000 held-out training images (data.holdout) / 5000 images of the test split "
-        "(data.val_size)")  # never "None/5000 held-out"
+        "validation top-1 on 5000 held-out training images (data.holdout) / 5000 images of the test split")
+    assert validated_on([run(val_size=1000, holdout=5000)]) == (  # val_size cuts the held-out images too
+        "validation top-1 on 1000 held-out training images (data.holdout)")
+    stream = run(name="wds/imagenet", val_size=1000)
+    assert validated_on([stream]) == "validation top-1 on the test split"  # a stream takes no val_size
+    stream.records = [{"split": "val", "samples": 50000}]
+    assert validated_on([stream]) == "validation top-1 on 50000 images of the test split"

@@ -108,13 +108,13 @@ def _evaluate(cfg: DictConfig, rt: runtime.Runtime, out_dir: Path) -> Dict[str, 
     model.to(rt.device).eval()
     precision = cfg.trainer.precision
     t = time.perf_counter()
-    metrics = evaluate(model, loader, len(classes), rt, precision, cfg.trainer.channels_last)
+    metrics = evaluate(model, loader, len(classes), rt, precision, cfg.trainer.channels_last, f"ckpt={path}")
     end_to_end = metrics["samples"] / (time.perf_counter() - t)
     model_rate = model_throughput(model, data_config["input_size"], loader.batch_size, rt, precision)
     per_class = per_class_accuracy(metrics["confusion"]).tolist()
     report = {
         "ckpt": str(path), "model": model.pretrained_cfg.get("architecture"), "params": count_params(model),
-        "data": data.name, "split": data.val_split, "val_size": data.get("val_size"), "samples": metrics["samples"],
+        "data": data.name, "split": data.val_split, "samples": metrics["samples"],  # samples: what was read
         "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
         "per_class_top1": {c: None if math.isnan(a) else a for c, a in zip(classes, per_class)},  # null: no images
         "images_per_s_model": model_rate, "images_per_s_end_to_end": end_to_end,
@@ -135,8 +135,9 @@ def _evaluate(cfg: DictConfig, rt: runtime.Runtime, out_dir: Path) -> Dict[str, 
                  "  worst       %s\n"
                  "  throughput  %.0f images/s model alone (batch %d, precision %s, %s); %.0f images/s end to end\n"
                  "  files       %s: eval.json, per_class.csv, confusion.png",
-                 path, describe(model), data.name, data.val_split + (f" (the fixed subset data.val_size={data.val_size})"
-                                                                       if data.get("val_size") else ""), metrics["samples"],
+                 path, describe(model), data.name, data.val_split + (
+                     f" (the fixed subset data.val_size={data.val_size})" if data.get("val_size") and not
+                     str(data.name).startswith("wds/") else ""), metrics["samples"],
                  metrics["top1"], metrics["top5"], metrics["loss"],
                  ", ".join(f"{c} {a:.1f}%" for a, c in worst),
                  model_rate, loader.batch_size, precision, rt.device, end_to_end, out_dir)

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from shd_vision.config import RESUMABLE, resumable
+from shd_vision.config import RESUMABLE, inside_project, resumable
 from shd_vision.engine import runtime
 from shd_vision.engine.checkpoint import Checkpoints, load
 from shd_vision.errors import UserError
@@ -47,17 +47,9 @@ def fingerprint(cfg: DictConfig | Mapping, facts: Mapping[str, Any]) -> Dict[str
     paths inside the project relative to it) plus ``facts`` (:func:`run_facts`) under ``run.``."""
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     root = str(tree.get("paths", {}).get("root_dir") or "").rstrip("/")
-    flat = {k: _inside_project(v, root) for k, v in _flatten(tree).items() if not resumable(k)}
+    flat = {k: inside_project(v, root) for k, v in _flatten(tree).items() if not resumable(k)}
     flat.update({f"run.{k}": v for k, v in facts.items()})
     return flat
-
-
-def _inside_project(value: Any, root: str) -> Any:
-    """A path inside the project (a shipped teacher) as ``${paths.root_dir}/...``: the same run
-    in another clone of the project is the same run."""
-    if root and isinstance(value, str) and value.startswith(root + "/"):
-        return "${paths.root_dir}" + value[len(root):]
-    return value
 
 
 def run_facts(global_batch: int, processes: int, train_images: int, classes: List[str],
@@ -187,12 +179,13 @@ def finished_record(cfg: DictConfig, run_dir: Path, now: Mapping[str, Any], tota
             "train it again.")
     steps = summary.get("steps", total_steps)
     if steps < total_steps:
+        capped = OmegaConf.load(config_file).trainer.get("max_steps") == steps
         raise UserError(
-            f"trainer.resume=auto: {run_dir} holds a run that ended at step {steps} (trainer.max_steps="
-            f"{OmegaConf.load(config_file).trainer.get('max_steps')}), while this one plans {total_steps} "
-            "steps, and without its checkpoints it cannot be continued. Its record is not this run's: set "
-            f"trainer.max_steps={steps} to keep it as it is, or give this run another run_name, or move that "
-            "directory away to train it in full.")
+            f"trainer.resume=auto: {run_dir} holds a run that ended at step {steps}"
+            f"{f' (trainer.max_steps={steps})' if capped else ''}, while this one plans {total_steps} steps, "
+            "and without its checkpoints it cannot be continued. Its record is not this run's: "
+            f"{f'set trainer.max_steps={steps} to keep it as it is, or ' if capped else ''}give this run another "
+            "run_name, or move that directory away to train it in full.")
     log.info("%s finished already (its checkpoints are not here; summary.json and config.yaml are): "
              "its record stands, nothing to do", run_dir)
     return summary

@@ -15,7 +15,7 @@ from shd_vision.errors import UserError
 
 @torch.no_grad()
 def evaluate(predict: Callable[[Tensor], Tensor], loader: DataLoader, num_classes: int, rt: Runtime,
-             precision: str = "32", channels_last: bool = False) -> Dict[str, Any]:
+             precision: str = "32", channels_last: bool = False, name: str = "the model") -> Dict[str, Any]:
     """Accuracy of ``predict`` (images to logits; a model in eval mode) on every image of
     ``loader``, sharded over the ranks so each image counts once.
 
@@ -24,7 +24,8 @@ def evaluate(predict: Callable[[Tensor], Tensor], loader: DataLoader, num_classe
         ``[C, C]`` (rows: true class, columns: predicted).
 
     Raises:
-        UserError: some logits were not finite (NaN's argmax is class 0: a plausible top-1).
+        UserError: some logits were not finite (NaN's argmax is class 0: a plausible top-1);
+            ``name`` says whose (the student, its EMA, the teacher, a checkpoint).
     """
     k = min(5, num_classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=rt.device)
@@ -46,7 +47,7 @@ def evaluate(predict: Callable[[Tensor], Tensor], loader: DataLoader, num_classe
     all_reduce_sum(confusion, rt)
     n = max(sums[2].item(), 1.0)
     if sums[3].item():
-        raise UserError(f"the model gave non-finite logits (NaN or inf) for {int(sums[3].item())} of {int(n)} "
+        raise UserError(f"{name} gave non-finite logits (NaN or inf) for {int(sums[3].item())} of {int(n)} "
                         "validation images, so its accuracy would be meaningless: the weights hold NaN or inf, "
                         "or the precision overflows (try trainer.precision=32 or bf16).")
     return {"top1": 100.0 * confusion.diag().sum().item() / n, "top5": 100.0 * sums[1].item() / n,

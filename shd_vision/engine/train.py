@@ -309,7 +309,7 @@ class Run:
         if self.teacher is not None and tr.eval_teacher:
             self.teacher_top1 = (self.teacher.val_top1 if self.cached else
                                  evaluate(self.teacher.predict, self.data.val, len(self.classes), self.rt,
-                                          tr.precision, tr.channels_last)["top1"])
+                                          tr.precision, tr.channels_last, "the teacher")["top1"])
             if self.teacher_top1 is None:
                 log.info("teacher top-1 on the validation set: not known (its cache was measured on other images)")
             else:
@@ -429,11 +429,12 @@ class Run:
         tr = self.cfg.trainer
         epoch = self.state.epoch + self.state.epoch_batches / (self.updates_per_epoch * tr.accumulate)
         self.student.eval()
-        val = evaluate(self.student, self.data.val, len(self.classes), self.rt, tr.precision, tr.channels_last)
+        val = evaluate(self.student, self.data.val, len(self.classes), self.rt, tr.precision, tr.channels_last,
+                       "the student")
         record = {k: v for k, v in val.items() if k in ("top1", "top5", "loss", "samples")}
         if self.ema is not None:
             ema_val = evaluate(self.ema.module, self.data.val, len(self.classes), self.rt, tr.precision,
-                               tr.channels_last)
+                               tr.channels_last, "the student's EMA")
             record.update({f"ema_{k}": ema_val[k] for k in ("top1", "top5", "loss")})
         self.student.train()
         is_best = val["top1"] > self.state.best_top1

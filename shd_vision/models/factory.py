@@ -83,10 +83,12 @@ def build(spec: Mapping | DictConfig, num_classes: Optional[int], key: str, pret
 
 def _check_patch_grid(model: nn.Module, key: str) -> None:
     """Refuse an image size that is not a whole number of patches: timm's strided patch
-    convolution would silently drop the last rows and columns of every image."""
+    convolution would silently drop the last rows and columns of every image (unless the model
+    pads them, ``dynamic_img_pad`` with ``dynamic_img_size``)."""
     embed = getattr(model, "patch_embed", None)
     size, patch = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
-    if size is None or patch is None:
+    if size is None or patch is None or (getattr(embed, "dynamic_img_pad", False)
+                                         and getattr(model, "dynamic_img_size", False)):
         return
     for s, p in zip(size, patch):
         if s % p:

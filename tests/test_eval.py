@@ -89,3 +89,9 @@ def test_eval_refuses_data_whose_class_names_differ_from_the_checkpoints(tmp_pat
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "was trained on classes the data names differently or in another order (5: Sandals in the checkpoint, " \
            "Sandal here)" in " ".join(result.stderr.split())
+    few = evaluation(tmp_path, f"ckpt={ckpt_path}", "data=fashion_mnist", "data.val_size=5")  # most classes: none
+    rows = list(csv.DictReader((tmp_path / "eval" / "per_class.csv").open()))
+    empty = [r["class"] for r in rows if r["images"] == "0"]
+    assert few["samples"] == 5 and len(empty) >= 5
+    assert all(few["per_class_top1"][c] is None for c in empty) and all(r["top1"] == "" for r in rows if r["class"] in empty)
+    assert all(few["per_class_top1"][r["class"]] is not None for r in rows if r["class"] not in empty)

@@ -529,7 +529,8 @@ def report(cfg: DictConfig) -> Dict[str, Any]:
              "over seeds"]
     if any(r["teacher"].startswith("cache") for r in rows):
         notes.append("teacher: live (the teacher ran in every step) or cache top-K (its K largest logits per row "
-                     "replayed from python -m shd_vision.cache; with K = the classes in float32, exactly the live run)")
+                     "replayed from python -m shd_vision.cache; with K = the classes in float32, exactly the live run); a cached "
+                     "row's images/s and time leave out building its cache, which the teacher paid once")
     if references:
         notes.append("vs: this row's top-1 minus the reference row's, paired by seed, mean and t-based 95% "
                      "confidence interval; '(k pairs)' where only k seeds are in both rows; – where a row "

@@ -385,3 +385,17 @@ def test_the_table_says_which_images_each_kind_of_run_was_validated_on():
     assert validated_on([stream]) == "validation top-1 on the test split"  # a stream takes no val_size
     stream.records = [{"split": "val", "samples": 50000}]
     assert validated_on([stream]) == "validation top-1 on 50000 images of the test split"
+
+
+def test_cached_teacher_rows_are_told_apart_and_their_cost_is_qualified(tmp_path):
+    for i, cache in enumerate([None, {"top_k": 10, "dtype": "float32"}]):
+        run = tmp_path / str(i)
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "kd": {"name": "logit"}}))
+        (run / "summary.json").write_text(json.dumps({"top1": 80.0 + i, "train_samples_per_s": 1.0, "wall_time_s": 1.0,
+                                                      "teacher": "vit", "teacher_cache": cache}))
+    result = run_cli("-m shd_vision.report", f"dir={tmp_path}", "by=[kd.name]")
+    assert result.returncode == 0, result.stderr
+    notes = " ".join((tmp_path / "results.md").read_text().split())
+    assert "| logit | cache top-10 float32 | 81.00 |" in notes and "| logit | live | 80.00 |" in notes
+    assert "a cached row's images/s and time leave out building its cache" in notes

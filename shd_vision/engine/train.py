@@ -308,8 +308,7 @@ class Run:
         tr = self.cfg.trainer
         if self.teacher is not None and tr.eval_teacher:
             self.teacher_top1 = (self.teacher.val_top1 if self.cached else
-                                 evaluate(self.teacher.predict, self.data.val, len(self.classes), self.rt,
-                                          tr.precision, tr.channels_last, "the teacher")["top1"])
+                                 self._validate(self.teacher.predict, "the teacher")["top1"])
             if self.teacher_top1 is None:
                 log.info("teacher top-1 on the validation set: not known (its cache was measured on other images)")
             else:
@@ -429,12 +428,10 @@ class Run:
         tr = self.cfg.trainer
         epoch = self.state.epoch + self.state.epoch_batches / (self.updates_per_epoch * tr.accumulate)
         self.student.eval()
-        val = evaluate(self.student, self.data.val, len(self.classes), self.rt, tr.precision, tr.channels_last,
-                       "the student")
+        val = self._validate(self.student, "the student")
         record = {k: v for k, v in val.items() if k in ("top1", "top5", "loss", "samples")}
         if self.ema is not None:
-            ema_val = evaluate(self.ema.module, self.data.val, len(self.classes), self.rt, tr.precision,
-                               tr.channels_last, "the student's EMA")
+            ema_val = self._validate(self.ema.module, "the student's EMA")
             record.update({f"ema_{k}": ema_val[k] for k in ("top1", "top5", "loss")})
         self.student.train()
         is_best = val["top1"] > self.state.best_top1
@@ -447,6 +444,11 @@ class Run:
                  f"  (EMA top-1 {record['ema_top1']:.2f}%)" if "ema_top1" in record else "",
                  "  new best" if is_best else "")
         self.save(is_best)
+
+    def _validate(self, predict, name: str) -> Dict[str, Any]:
+        """:func:`evaluate` on this run's validation images (``name``: whose logits, for errors)."""
+        tr = self.cfg.trainer
+        return evaluate(predict, self.data.val, len(self.classes), self.rt, tr.precision, tr.channels_last, name)
 
     def _attention_pictures(self) -> List[Path]:
         """``python -m shd_vision.viz``'s pictures of this run's last checkpoint."""

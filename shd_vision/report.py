@@ -279,7 +279,7 @@ def validated_on(runs: List[Run]) -> str:
         holdout, split, size, name = (run.config.get(f"data.{k}") for k in ("holdout", "val_split", "val_size", "name"))
         counted = [int(r["samples"]) for r in run.records if r.get("split") == "val" and "samples" in r]
         count = counted[-1] if counted else None if str(name).startswith("wds/") else min(
-            [n for n in (holdout, size) if n] or [None], key=lambda n: n or 0)
+            (n for n in (holdout, size) if n), default=None)
         if holdout:
             return f"{count} held-out training images (data.holdout)"
         return f"{count} images of the {split} split" if count else f"the {split} split"

@@ -33,8 +33,8 @@ from shd_vision.distill.mapping import align_maps, layer_pairs, method_pairs, se
 from shd_vision.errors import UserError
 from shd_vision.models.taps import AttentionRecord, Capture, TokenLayout, token_layout, vit_blocks
 
-__all__ = ["attention_kl", "attention_kl_rows", "attention_mse", "layer_pairs", "soften", "squeeze_weights", "squeezed_targets",
-           "SHD"]
+__all__ = ["attention_kl", "attention_kl_rows", "attention_mse", "layer_pairs", "soften", "squeeze_record",
+           "squeeze_weights", "squeezed_targets", "SHD"]
 
 MERGES = ("progressive", "group", "mean", "select")
 LOSSES = ("kl", "mse")
@@ -286,6 +286,18 @@ def soften(maps: Tensor, temperature: float) -> Tensor:
 
 
 @torch.no_grad()
+def squeeze_record(record: AttentionRecord, num_student_heads: int, merge: str) -> Tuple[Tensor, Tensor]:
+    """A teacher block's maps ``softmax(Z_t)`` ``[..., B, Ht, N, N]`` (float32 at least) and its
+    squeeze weights ``W`` ``[..., B, Hs, Ht]``, from the record's factored circuits."""
+    with torch.autocast(record.q.device.type, enabled=False):  # the least squares need float32
+        maps = upcast(record.maps())
+        h, d_h = record.v.shape[-3], record.v.shape[-1]
+        v, w_o = upcast(record.v), upcast(record.proj_weight)
+        circuits = [_Circuit(v[..., i, :, :], w_o[..., i * d_h:(i + 1) * d_h]) for i in range(h)]
+        return maps, _squeeze(maps, circuits, num_student_heads, merge)
+
+
+@torch.no_grad()
 def squeezed_targets(record: AttentionRecord, num_student_heads: int, merge: str, temperature: float,
                      teacher_layout: TokenLayout, student_layout: TokenLayout) -> Tuple[Tensor, Tensor]:
     """A teacher block's squeezed, softened maps on the student's tokens; a stacked record
@@ -295,12 +307,8 @@ def squeezed_targets(record: AttentionRecord, num_student_heads: int, merge: str
         ``T`` ``[..., B, Hs, N', N']`` (``T_g = Σ_h W[g, h] softmax(Z_t,h / τ)``, then the tokens
         of methods.md §6) and the squeeze weights ``W`` ``[..., B, Hs, Ht]``.
     """
-    with torch.autocast(record.q.device.type, enabled=False):  # the least squares need float32
-        maps = upcast(record.maps())
-        h, d_h = record.v.shape[-3], record.v.shape[-1]
-        v, w_o = upcast(record.v), upcast(record.proj_weight)
-        circuits = [_Circuit(v[..., i, :, :], w_o[..., i * d_h:(i + 1) * d_h]) for i in range(h)]
-        w = _squeeze(maps, circuits, num_student_heads, merge)
+    with torch.autocast(record.q.device.type, enabled=False):  # float32, as the weights
+        maps, w = squeeze_record(record, num_student_heads, merge)
         target = torch.einsum("...gh,...hqk->...gqk", w, soften(maps, temperature))
         return align_maps(target, teacher_layout, student_layout), w
 

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from shd_vision.data.loaders import build_val_loader, open_split, resolve_input
-from shd_vision.distill.base import term_config
+from shd_vision.distill.base import term_config, upcast
 from shd_vision.distill.mapping import align_maps, resolve_pairs, select_tokens
-from shd_vision.distill.shd import soften, squeezed_targets
+from shd_vision.distill.shd import soften, squeeze_record, squeezed_targets
 from shd_vision.engine.checkpoint import load
 from shd_vision.errors import UserError
 from shd_vision.models.factory import build, create_teacher
@@ -34,15 +34,23 @@ log = logging.getLogger("shd_vision.viz")
 
 @dataclass
 class LayerMaps:
-    """One student/teacher block pair on a batch, on the student's tokens."""
+    """One student/teacher block pair on the first images, on the student's tokens."""
 
     student_block: int
     teacher_block: int
-    teacher: Tensor  # [B, Ht, N', N'] each teacher head, softened with τ
-    squeezed: Tensor  # [B, Hs, N', N'] the SHD targets
-    student: Tensor  # [B, Hs, N', N'] softened with τ
-    weights: Tensor  # [B, Hs, Ht]
-    teacher_raw: Tensor  # [B, Ht, Nt, Nt] teacher maps on its own tokens (τ = 1)
+    teacher: Tensor  # [n, Ht, N', N'] each teacher head, softened with τ
+    squeezed: Tensor  # [n, Hs, N', N'] the SHD targets
+    student: Tensor  # [n, Hs, N', N'] softened with τ
+    weights: Tensor  # [n, Hs, Ht]
+
+
+@dataclass
+class BatchStats:
+    """What the batch-wide pictures show: the squeeze weights of every block pair
+    ``[B, Hs, Ht]`` and the similarity of each mapped teacher block's heads ``[Ht, Ht]``."""
+
+    weights: Dict[Tuple[int, int], Tensor]
+    similarity: Dict[int, Tensor]
 
 
 def shd_settings(trained: DictConfig, cfg: DictConfig) -> Dict[str, Any]:
@@ -63,25 +71,33 @@ def shd_settings(trained: DictConfig, cfg: DictConfig) -> Dict[str, Any]:
 
 
 @torch.no_grad()
-def collect(student, teacher: Teacher, images: Tensor, pairs: List[Tuple[int, int]], temperature: float,
-            merge: str) -> List[LayerMaps]:
-    """Run both models on ``images`` and gather the maps of every block pair (the teacher must
-    capture the pairs' teacher blocks)."""
+def collect(student, teacher: Teacher, images: Tensor, pairs: List[Tuple[int, int]], shown: List[Tuple[int, int]],
+            count: int, temperature: float, merge: str) -> Tuple[BatchStats, List[LayerMaps]]:
+    """The squeeze weights and head similarities of every block pair over ``images``, and the
+    maps of the ``shown`` pairs on the first ``count`` images (the teacher must capture the
+    pairs' teacher blocks). Only the maps a picture draws are kept: a DeiT pair's 197×197 maps
+    of every block and image took seconds to align and gigabytes to hold."""
     s_layout, t_layout = token_layout(student), teacher.layout
-    s_tap = Tap(student, Capture(attention=frozenset(s for s, _ in pairs)), "student")
+    t_rec = teacher(images).record.attention
+    s_tap = Tap(student, Capture(attention=frozenset(s for s, _ in shown)), "student")
     with s_tap.recording_on():
-        student(images)
-    s_rec, t_rec = s_tap.pop().attention, teacher(images).record.attention
+        student(images[:count])
+    s_rec = s_tap.pop().attention
     s_tap.remove()
-    out = []
+    blocks = vit_blocks(student, "student")
+    stats = BatchStats({}, {})
     for s, t in pairs:
-        hs = vit_blocks(student, "student")[s].attn.num_heads
-        squeezed, w = squeezed_targets(t_rec[t], hs, merge, temperature, t_layout, s_layout)
-        t_maps = t_rec[t].maps().float()
-        t_soft = soften(t_maps, temperature)
+        maps, stats.weights[(s, t)] = squeeze_record(t_rec[t], blocks[s].attn.num_heads, merge)
+        if t not in stats.similarity:
+            stats.similarity[t] = head_similarity(maps)
+    out = []
+    for s, t in shown:
+        first = t_rec[t].first(count)
+        squeezed, w = squeezed_targets(first, blocks[s].attn.num_heads, merge, temperature, t_layout, s_layout)
+        teacher_maps = align_maps(soften(upcast(first.maps()), temperature), t_layout, s_layout)
         student_maps = (select_tokens(s_rec[s].scores().float(), s_layout, t_layout, (-2, -1)) / temperature).softmax(-1)
-        out.append(LayerMaps(s, t, align_maps(t_soft, t_layout, s_layout), squeezed, student_maps, w, t_maps))
-    return out
+        out.append(LayerMaps(s, t, teacher_maps, squeezed, student_maps, w))
+    return stats, out
 
 
 def _cls_rows(maps: Tensor, layout: TokenLayout, has_cls: bool) -> Tensor:
@@ -157,11 +173,11 @@ def full_maps_figure(lm: LayerMaps, index: int, path: Path, title: str) -> Path:
     return path
 
 
-def weights_figure(layers: List[LayerMaps], path: Path, title: str) -> Path:
+def weights_figure(weights: Dict[Tuple[int, int], Tensor], path: Path, title: str) -> Path:
     """Per block pair: the batch-mean squeeze weights, and the spread of each weight over the batch."""
-    fig, axes = plt.subplots(2, len(layers), figsize=(3.2 * len(layers), 6), squeeze=False)
-    for li, lm in enumerate(layers):
-        w = lm.weights.cpu()
+    fig, axes = plt.subplots(2, len(weights), figsize=(3.2 * len(weights), 6), squeeze=False)
+    for li, ((s, t), w) in enumerate(weights.items()):
+        w = w.cpu()
         mean = w.mean(0)
         ax = axes[0][li]
         ax.imshow(mean, cmap="Blues", vmin=0, vmax=1)
@@ -169,13 +185,12 @@ def weights_figure(layers: List[LayerMaps], path: Path, title: str) -> Path:
             for h in range(mean.shape[1]):
                 if mean[g, h] > 0:
                     ax.text(h, g, f"{mean[g, h]:.2f}", ha="center", va="center", fontsize=6)
-        ax.set(title=f"student {lm.student_block} / teacher {lm.teacher_block}", xlabel="teacher head",
-               ylabel="student head")
+        ax.set(title=f"student {s} / teacher {t}", xlabel="teacher head", ylabel="student head")
         entries = [(g, h) for g in range(w.shape[1]) for h in range(w.shape[2]) if (w[:, g, h] > 0).any()]
         axes[1][li].boxplot([w[:, g, h].numpy() for g, h in entries], showfliers=False)
         axes[1][li].set_xticks(range(1, len(entries) + 1), [f"s{g}:t{h}" for g, h in entries], rotation=90, fontsize=6)
         axes[1][li].set(ylim=(-0.02, 1.02), ylabel="weight over the batch")
-    fig.suptitle(f"{title}: squeeze weights over {lm.weights.shape[0]} images", fontsize=9)
+    fig.suptitle(f"{title}: squeeze weights over {w.shape[0]} images", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -188,17 +203,17 @@ def head_similarity(maps: Tensor) -> Tensor:
     return (flat @ flat.transpose(1, 2)).mean(0)
 
 
-def redundancy_figure(layers: List[LayerMaps], path: Path, title: str) -> Path:
+def redundancy_figure(similarity: Dict[int, Tensor], path: Path, title: str) -> Path:
     """How alike the teacher's heads are in each mapped block (cosine similarity of their maps)."""
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.2), squeeze=False)
-    for ax, lm in zip(axes[0], layers):
-        sim = head_similarity(lm.teacher_raw).cpu()
+    fig, axes = plt.subplots(1, len(similarity), figsize=(3.2 * len(similarity), 3.2), squeeze=False)
+    for ax, (block, sim) in zip(axes[0], sorted(similarity.items())):
+        sim = sim.cpu()
         ax.imshow(sim, cmap="magma", vmin=0, vmax=1)
         for i in range(sim.shape[0]):
             for j in range(sim.shape[1]):
                 ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,
                         color="black" if sim[i, j] > 0.5 else "white")
-        ax.set(title=f"teacher block {lm.teacher_block}", xlabel="head", ylabel="head")
+        ax.set(title=f"teacher block {block}", xlabel="head", ylabel="head")
     fig.suptitle(f"{title}: similarity of the teacher's heads", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -237,14 +252,15 @@ def render(cfg: DictConfig, out_dir: Path, device: torch.device) -> List[Path]:
     data = OmegaConf.merge(trained.data, {**whole, "eval_batch_size": cfg.batch, "num_workers": 0})
     images, _ = next(iter(build_val_loader(data, open_split(data, data.val_split), data_config)))
     images = images.to(device)
-    layers = collect(student, teacher, images, pairs, settings["temperature"], settings["merge"])
+    count = min(cfg.images, images.shape[0])
+    stats, shown = collect(student, teacher, images, pairs, _pick(pairs, 3), count, settings["temperature"],
+                           settings["merge"])
     s_layout = token_layout(student)
     has_cls = s_layout.has_class and teacher.layout.has_class
     title = f"kd={trained.kd.name}, τ={settings['temperature']:g}, {settings['merge']} merge"
-    shown = [lm for lm in layers if (lm.student_block, lm.teacher_block) in _pick(pairs, 3)]
-    files = [weights_figure(layers, out_dir / "squeeze_weights.png", title),
-             redundancy_figure(layers, out_dir / "head_redundancy.png", title)]
-    for i in range(min(cfg.images, images.shape[0])):
+    files = [weights_figure(stats.weights, out_dir / "squeeze_weights.png", title),
+             redundancy_figure(stats.similarity, out_dir / "head_redundancy.png", title)]
+    for i in range(count):
         files.append(attention_figure(shown, i, images[i], data_config, s_layout, has_cls,
                                       out_dir / f"attention_image{i}.png", title))
         files.append(full_maps_figure(shown[-1], i, out_dir / f"attention_full_image{i}.png", title))

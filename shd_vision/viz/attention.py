@@ -185,7 +185,8 @@ def weights_figure(weights: Dict[Tuple[int, int], Tensor], path: Path, title: st
             for h in range(mean.shape[1]):
                 if mean[g, h] > 0:
                     ax.text(h, g, f"{mean[g, h]:.2f}", ha="center", va="center", fontsize=6)
-        ax.set(title=f"student {s} / teacher {t}", xlabel="teacher head", ylabel="student head")
+        ax.set(title=f"student {s} / teacher {t}", xlabel="teacher head", ylabel="student head",
+               xticks=range(mean.shape[1]), yticks=range(mean.shape[0]))
         entries = [(g, h) for g in range(w.shape[1]) for h in range(w.shape[2]) if (w[:, g, h] > 0).any()]
         axes[1][li].boxplot([w[:, g, h].numpy() for g, h in entries], showfliers=False)
         axes[1][li].set_xticks(range(1, len(entries) + 1), [f"s{g}:t{h}" for g, h in entries], rotation=90, fontsize=6)

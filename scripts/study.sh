@@ -48,6 +48,7 @@ records=$(realpath -m "${STUDY_RECORDS:-docs/results/runs/${prefix}_$study}")
 source scripts/study_lib.sh  # keep, run, caches, tune, around
 keep "$records" "$root"
 sweep="seed=0 data.holdout=$holdout"
+scope=$([ $study = ratio ] && echo ratio || echo "sweep study")  # where this study's runs go under $root
 seeds=seed=0,1,2  # seed-major: a study cut short has as many seeds in every row of a stage
 SHD_GRID=("kd.terms.shd.temperature,kd.terms.shd.weight" "kd.terms.shd.temperature=1,2 kd.terms.shd.weight=1,3"
           "kd.terms.shd.temperature,kd.terms.shd.weight")

@@ -1,5 +1,5 @@
 # The functions of scripts/study.sh, sourced by it (and by tests/test_study.py with a stand-in
-# for train.py). They read study.sh's globals: py, logs, root, records, prefix, sweep, sweeps.
+# for train.py). They read study.sh's globals: py, logs, root, records, prefix, sweep, sweeps, scope.
 shopt -s inherit_errexit  # a run that fails inside $(tune ...) stops the study instead of being skipped
 keep() {  # from $1 to $2: the record of every finished run that $2 lacks
   [ -d "$1" ] || return 0
@@ -11,10 +11,16 @@ keep() {  # from $1 to $2: the record of every finished run that $2 lacks
   done
 }
 run() {  # one multirun; the records of its finished runs are kept even when a later one fails
-  local rc=0
+  local rc=0 a name=?
+  for a; do case $a in run_name=*) name=${a#run_name=} ;; esac; done
+  echo "[study $(date '+%F %T'), $((SECONDS / 3600)):$(printf %02d $((SECONDS / 60 % 60))) in] $(finished) run(s)" \
+    "of this study finished; next: $name" >&2
   $py train.py -m experiment=${prefix}_study trainer.resume=auto paths.log_dir=$logs "$@" || rc=$?
   keep "$root" "$records"
   return $rc
+}
+finished() {  # how many of this study's runs have finished (the records copied back count)
+  (cd "$root" 2>/dev/null && grep -rl --include=summary.json '"status": "finished"' ${scope:-.} 2>/dev/null || true) | wc -l
 }
 caches() {  # name, seeds, plan overrides: with STUDY_CACHE, one cache per seed, and the override that reads it
   [ -n "${STUDY_CACHE:-}" ] || return 0

@@ -2,6 +2,7 @@
 interrupted anywhere, even in its last round, ends with the same trials as one that was not."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,7 @@ def tune(tmp: Path, budget: int = -1) -> subprocess.CompletedProcess:
         (tmp / "budget").write_text(str(budget))
         env["FAKE_BUDGET"] = str(tmp / "budget")
     script = f"""set -euo pipefail
-py={wrapper} logs={tmp}/logs prefix=fmnist records={tmp}/records sweep="seed=0 data.holdout=50" sweeps=sweep
+py={wrapper} logs={tmp}/logs prefix=fmnist records={tmp}/records sweep="seed=0 data.holdout=50" sweeps=sweep scope=sweep
 root=$logs/fmnist_study/multiruns
 source scripts/study_lib.sh
 keep "$records" "$root"
@@ -131,3 +132,7 @@ def test_a_sweep_stopped_by_the_cap_says_so(tmp_path, monkeypatch):
     assert (f"sweep shd, 1 extension round(s) (cap STUDY_EXTEND=1): stopped at the cap, still on an edge: EDGE: the "
             f"best {WEIGHT}=9 is the largest value tried (1, 3, 9)") in " ".join(out.stderr.split())
     assert out.stdout.strip() == f"chosen: {TAU}=2 {WEIGHT}=9"
+    # before each multirun, how far the study is: r0's 4 trials, then r1's (tau 6; weight 9)
+    progress = re.findall(r"\[study [-\d]+ [:\d]+, \d+:\d\d in\] (\d+) run\(s\) of this study finished; next: (\S+)",
+                          out.stderr)
+    assert progress == [("0", "sweep/shd/r0"), ("4", "sweep/shd/r1-0"), ("6", "sweep/shd/r1-1")]

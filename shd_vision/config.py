@@ -307,7 +307,7 @@ class VizConfig(TaskConfig):
     images: int = at_least(1)
     batch: int = greater_than(0)
     layers: Any = None
-    merge: Optional[str] = one_of("progressive", "group", "mean", default=None)
+    merge: Optional[str] = one_of("progressive", "group", "mean", "select", default=None)
     temperature: Optional[float] = greater_than(0.0, None)
     device: str = MISSING
 

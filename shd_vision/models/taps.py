@@ -78,11 +78,6 @@ class AttentionRecord:
                                stack([r.v for r in records]), records[0].scale,
                                stack([r.proj_weight for r in records]).unsqueeze(1))
 
-    def first(self, n: int) -> "AttentionRecord":
-        """The record of the batch's first ``n`` samples (of an unstacked record)."""
-        return AttentionRecord(self.q[:n], self.k[:n], self.v[:n], self.scale, self.proj_weight,
-                               None if self.qkv is None else self.qkv[:n])
-
     def scores(self) -> Tensor:
         """Pre-softmax scores ``q kᵀ · scale``, ``[B, H, N, N]``."""
         return (self.q * self.scale) @ self.k.transpose(-2, -1)

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from shd_vision.data.loaders import build_val_loader, open_split, resolve_input
-from shd_vision.distill.base import term_config, upcast
+from shd_vision.distill.base import term_config
 from shd_vision.distill.mapping import align_maps, resolve_pairs, select_tokens
-from shd_vision.distill.shd import soften, squeeze_record, squeezed_targets
+from shd_vision.distill.shd import soften, squeeze_record
 from shd_vision.engine.checkpoint import load
 from shd_vision.errors import UserError
 from shd_vision.models.factory import build, create_teacher
@@ -85,18 +85,18 @@ def collect(student, teacher: Teacher, images: Tensor, pairs: List[Tuple[int, in
     s_rec = s_tap.pop().attention
     s_tap.remove()
     blocks = vit_blocks(student, "student")
-    stats = BatchStats({}, {})
+    stats, out = BatchStats({}, {}), []
     for s, t in pairs:
-        maps, stats.weights[(s, t)] = squeeze_record(t_rec[t], blocks[s].attn.num_heads, merge)
+        maps, w = squeeze_record(t_rec[t], blocks[s].attn.num_heads, merge)
+        stats.weights[(s, t)] = w
         if t not in stats.similarity:
             stats.similarity[t] = head_similarity(maps)
-    out = []
-    for s, t in shown:
-        first = t_rec[t].first(count)
-        squeezed, w = squeezed_targets(first, blocks[s].attn.num_heads, merge, temperature, t_layout, s_layout)
-        teacher_maps = align_maps(soften(upcast(first.maps()), temperature), t_layout, s_layout)
-        student_maps = (select_tokens(s_rec[s].scores().float(), s_layout, t_layout, (-2, -1)) / temperature).softmax(-1)
-        out.append(LayerMaps(s, t, teacher_maps, squeezed, student_maps, w))
+        if (s, t) in shown:  # T_g = Σ_h W[g, h] softmax(Z_t,h / τ) (squeezed_targets), with the batch's W
+            soft = soften(maps[:count], temperature)
+            squeezed = torch.einsum("bgh,bhqk->bgqk", w[:count], soft)
+            student_maps = (select_tokens(s_rec[s].scores().float(), s_layout, t_layout, (-2, -1)) / temperature).softmax(-1)
+            out.append(LayerMaps(s, t, align_maps(soft, t_layout, s_layout), align_maps(squeezed, t_layout, s_layout),
+                                 student_maps, w[:count]))
     return stats, out
 
 

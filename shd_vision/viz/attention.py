@@ -110,7 +110,7 @@ def _cls_rows(maps: Tensor, layout: TokenLayout, has_cls: bool) -> Tensor:
 
 def _show_image(ax, image: Tensor, mean, std) -> None:
     img = (image.cpu() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)).clamp(0, 1)
-    ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray")
+    ax.imshow((img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy(), cmap="gray")
 
 
 def attention_figure(layers: List[LayerMaps], index: int, image: Tensor, data_config: Dict[str, Any],
@@ -134,7 +134,7 @@ def attention_figure(layers: List[LayerMaps], index: int, image: Tensor, data_co
                     continue
                 up = torch.nn.functional.interpolate(grids[h][None, None], size=size, mode="nearest")[0, 0]
                 _show_image(ax, image, data_config["mean"], data_config["std"])
-                ax.imshow(up.cpu(), cmap="inferno", alpha=0.6)
+                ax.imshow(up.cpu().numpy(), cmap="inferno", alpha=0.6)
                 name = f"head {h}"
                 if label == "squeezed":
                     group = (lm.weights[index, h] > 1e-3).nonzero().flatten().tolist()
@@ -161,7 +161,7 @@ def full_maps_figure(lm: LayerMaps, index: int, path: Path, title: str) -> Path:
             if h >= maps.shape[1]:
                 ax.axis("off")
                 continue
-            ax.imshow(maps[index, h].cpu(), cmap="viridis")
+            ax.imshow(maps[index, h].cpu().numpy(), cmap="viridis")
             ax.set_title(f"{label} head {h}", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -180,7 +180,7 @@ def weights_figure(weights: Dict[Tuple[int, int], Tensor], path: Path, title: st
         w = w.cpu()
         mean = w.mean(0)
         ax = axes[0][li]
-        ax.imshow(mean, cmap="Blues", vmin=0, vmax=1)
+        ax.imshow(mean.numpy(), cmap="Blues", vmin=0, vmax=1)
         for g in range(mean.shape[0]):
             for h in range(mean.shape[1]):
                 if mean[g, h] > 0:
@@ -209,7 +209,7 @@ def redundancy_figure(similarity: Dict[int, Tensor], path: Path, title: str) -> 
     fig, axes = plt.subplots(1, len(similarity), figsize=(3.2 * len(similarity), 3.2), squeeze=False)
     for ax, (block, sim) in zip(axes[0], sorted(similarity.items())):
         sim = sim.cpu()
-        ax.imshow(sim, cmap="magma", vmin=0, vmax=1)
+        ax.imshow(sim.numpy(), cmap="magma", vmin=0, vmax=1)
         for i in range(sim.shape[0]):
             for j in range(sim.shape[1]):
                 ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,

@@ -260,15 +260,37 @@ def markdown(keys: List[str], rows: List[Dict[str, Any]], references: List[str] 
     cached = "teacher" not in keys and any(r["teacher"].startswith("cache") for r in rows)
     head = keys + ["teacher"] * cached + ["top-1 (%)", "seeds", "last-quarter gain"]
     head += [f"vs {ref} (95% CI)" for ref in references] + ["train images/s", "time"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(keys) + "---:|" * (len(head) - len(keys))]
-    for r in rows:
+    seeds = per_seed(rows)
+    head += [seeds[0]] if seeds else []
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "---|" * len(keys) + "---:|" * (len(head) - len(keys) - bool(seeds)) + "---|" * bool(seeds)]
+    for i, r in enumerate(rows):
         cells = [str(r[k]) for k in keys] + [r["teacher"]] * cached
         cells += [f"{r['top1']:.2f} ± {r['top1_std']:.2f}" if r["seeds"] > 1 else f"{r['top1']:.2f}", str(r["seeds"]),
                   "–" if r["gain"] is None else f"{r['gain']:+.2f}"]
         cells += ["" if ref in r["is_reference"] else _diff(r["vs"][ref]) for ref in references]
-        cells += [f"{r['samples_per_s']:.0f}", format_duration(r["wall_time_s"])]
+        cells += [f"{r['samples_per_s']:.0f}", format_duration(r["wall_time_s"])] + ([seeds[1][i]] if seeds else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def per_seed(rows: List[Dict[str, Any]], seed_key: str = "seed") -> Optional[Tuple[str, List[str]]]:
+    """The table's last column where a row holds several runs: each row's top-1 seed by seed (a
+    reader checks a paired difference against it), the seeds named once in the header where every
+    row ran the same ones; None where every row is one run."""
+    if all(len(r["runs"]) < 2 for r in rows):
+        return None
+    values = []
+    for r in rows:
+        by_seed: Dict[Any, List[float]] = {}
+        for run in r["runs"]:
+            by_seed.setdefault(run.config.get(seed_key), []).append(run.summary["top1"])
+        values.append(by_seed)
+    orders = [_ordered(set(v)) for v in values]
+    same = all(o == orders[0] for o in orders)
+    cells = [", ".join(("" if same else f"{s}: ") + " / ".join(f"{x:.2f}" for x in v[s]) for s in order)
+             for order, v in zip(orders, values)]
+    return (f"per seed ({', '.join(map(str, orders[0]))})" if same else "per seed"), cells
 
 
 def validated_on(runs: List[Run]) -> str:

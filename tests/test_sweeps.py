@@ -291,6 +291,8 @@ def test_rows_of_several_keys_pair_with_the_reference_at_their_own_value(tmp_pat
     for h in (1, 3):  # differences are +2 on both seeds: a zero-width interval
         assert f"| {h} | shd | {70 + 5 * h + 2 + (1 + h) / 2:.2f} ± " in table
         assert next(line for line in table.splitlines() if line.startswith(f"| {h} | shd")).count("+2.00 [+2.00, +2.00]") == 1
+    assert "| time | per seed (0, 1) |" in table  # the same seeds in every row: named once
+    assert f"| {70 + 5 * 3 + 2:.2f}, {70 + 5 * 3 + 2 + 4:.2f} |" in table
     assert (tmp_path / "runs/trend.png").stat().st_size > 10_000
     assert "EDGE" not in table and "EDGE" not in result.stderr  # the study's x is varied on purpose, not chosen
 
@@ -312,6 +314,10 @@ def test_paired_cells_say_how_many_seeds_paired_and_refuse_a_repeated_one(tmp_pa
     assert cells["fitnet"][1] == "84.00" and cells["fitnet"][4] == "+2.00 (1 pair, no CI)"  # one seed: no spread
     assert cells["ce"][4] == "–" and "REPEATED SEEDS: row ce holds seed(s) 0 more than once" in paragraph(result.stderr)
     assert cells["logit"][4] == ""
+    # seed by seed, each value under its seed where rows ran different seeds; a repeated seed shows both runs
+    assert "| per seed |" in (tmp_path / "runs/results.md").read_text()
+    assert [cells[m][-1] for m in ("shd", "logit", "fitnet", "ce")] == [
+        "0: 81.00, 1: 83.00 |", "0: 80.00, 1: 81.00, 2: 82.00 |", "2: 84.00 |", "0: 79.00 / 79.50 |"]
 
 
 def test_a_reference_value_shared_by_another_key_does_not_blank_a_row(tmp_path):

@@ -79,7 +79,9 @@ def main() -> None:
     for r in range(args.rounds):
         for m, v in runs:
             runs[m, v].append(run_isolated(Path(__file__), [*common, "--method", m, "--variant", v]))
-            print(f"round {r + 1}/{args.rounds} {m} {v}: {runs[m, v][-1]['step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
+            last = runs[m, v][-1]  # every figure of the table, in case a time limit cuts the run before it prints
+            print(f"round {r + 1}/{args.rounds} {m} {v}: {last['step_s'] * 1e3:.1f} ms/step, first step "
+                  f"{last['first_s']:.1f} s, peak {last['peak_mb']:.0f} MB", file=sys.stderr)
     med = {k: {f: statistics.median(x[f] for x in xs) for f in xs[0]} for k, xs in runs.items()}
     rows = []
     for (m, v), x in med.items():

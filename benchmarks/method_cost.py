@@ -6,6 +6,7 @@ the methods (so drift in machine speed hits all of them alike); the table gives 
     python benchmarks/method_cost.py                      # the tiny Fashion-MNIST pair, this machine
     python benchmarks/method_cost.py --preset deit_s_ti   # DeiT-S -> DeiT-Ti at 224 (meant for a GPU)
     python benchmarks/method_cost.py --methods logit shd  # a subset
+    python benchmarks/method_cost.py --model model.num_heads=1  # the student changed for every method
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ METHODS = {
 def worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     step, teacher_forward = build_step(args.preset, METHODS[args.method], device, args.batch, args.precision,
-                                       keep_freed=not args.glibc_defaults)
+                                       model_overrides=args.model, keep_freed=not args.glibc_defaults)
     seconds = time_it(step, device, args.steps, args.warmup)
     reset_peak(device)
     step()
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--model", nargs="+", default=[], metavar="OVERRIDE",
+                        help="student overrides for every method, e.g. model.num_heads=1")
     parser.add_argument("--glibc-defaults", action="store_true",
                         help="leave glibc's malloc returning freed memory to the kernel (train.py keeps it)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -76,7 +79,7 @@ def main() -> None:
         args.methods.insert(0, "logit")
     common = ["--preset", args.preset, "--device", args.device, "--batch", str(args.batch), "--precision",
               args.precision, "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
-             (["--glibc-defaults"] if args.glibc_defaults else [])
+             (["--glibc-defaults"] if args.glibc_defaults else []) + (["--model", *args.model] if args.model else [])
     runs = {m: [] for m in args.methods}
     for r in range(args.rounds):
         for m in args.methods:
@@ -100,7 +103,7 @@ def main() -> None:
         rows.append([m, overrides, f"{v['step_s'] * 1e3:.1f}", f"{v['step_s'] / base['step_s']:.2f}",
                      f"{args.batch / v['step_s']:.0f}", f"{v['peak_mb']:.0f}", f"{v['peak_mb'] / base['peak_mb']:.2f}",
                      f"{100 * v['teacher_s'] / v['step_s']:.0f}%" if v["teacher_s"] else "-"])
-    print(f"\n{args.preset} preset, batch {args.batch}, precision {args.precision}, {machine(torch.device(args.device))}; "
+    print(f"\n{args.preset} preset" + (f" with {' '.join(args.model)}" if args.model else "") + f", batch {args.batch}, precision {args.precision}, {machine(torch.device(args.device))}; "
           f"median of {args.rounds} rounds x {args.steps} steps" + (", glibc's malloc defaults" if args.glibc_defaults
                                                                     else "") + "\n")
     print(table(["method", "overrides", "ms/step", "x logit", "images/s", "peak MB", "x logit",

@@ -241,15 +241,17 @@ def test_shd_runs_on_deit_pairs_and_only_the_student_learns(pair):
     assert 1 <= logs["shd/w_eff"].item() <= ratio + 1e-5
 
 
-def test_factored_squeeze_equals_the_public_function_on_full_circuits():
+@pytest.mark.parametrize("merge", ["progressive", "group", "select"])
+@pytest.mark.parametrize("hs", [3, 1])  # select: groups of 2 stay factored, the group of 6 is multiplied out
+def test_factored_squeeze_equals_the_public_function_on_full_circuits(merge, hs):
     teacher = timm.create_model("deit_small_patch16_224", img_size=32, num_classes=5).double().eval()
     tap = Tap(teacher, Capture(attention=frozenset({3})), "teacher")
     with tap.recording_on(), torch.no_grad():
         teacher(torch.randn(3, 3, 32, 32, dtype=F64))
     rec = tap.pop().attention[3]
     layout = token_layout(teacher)
-    target, w = squeezed_targets(rec, 3, "progressive", 1.0, layout, layout)
-    full = squeeze_weights(rec.scores().softmax(-1), rec.circuits(), 3)
+    target, w = squeezed_targets(rec, hs, merge, 1.0, layout, layout)
+    full = squeeze_weights(rec.scores().softmax(-1), rec.circuits(), hs, merge)
     torch.testing.assert_close(w, full)
     torch.testing.assert_close(target, torch.einsum("bgh,bhqk->bgqk", full, rec.scores().softmax(-1)))
 

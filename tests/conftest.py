@@ -3,9 +3,17 @@ tmp_path; and one tiny trained teacher checkpoint per session."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -51,10 +59,61 @@ def paragraph(text: str) -> str:
 
 def run_cli(script: str, *args: str, cwd: Path = PROJECT_ROOT, timeout: int = 300,
             env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """Run ``python script args`` (or ``-m module``) from the repository and capture its output."""
+    """Run ``python script args`` (or ``-m module``) from the repository and capture its output:
+    forked from this worker's warm Python (tests/warm_python.py), or with SHD_TEST_COLD=1 in a new
+    interpreter."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [sys.executable, *(["-m", script[3:]] if script.startswith("-m ") else [script]), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    argv = [*(["-m", script[3:]] if script.startswith("-m ") else [script]), *args]
+    if os.environ.get("SHD_TEST_COLD") == "1":
+        return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    return _warm.run(argv, cwd, env, timeout)
+
+
+class _WarmPython:
+    """This worker's tests/warm_python.py, started at the first command; one command at a time."""
+
+    def __init__(self):
+        self.proc: Optional[subprocess.Popen] = None
+        self.lock = threading.Lock()
+
+    def run(self, argv: List[str], cwd: Path, env: Dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        with self.lock, tempfile.TemporaryDirectory() as tmp:
+            if self.proc is None:
+                self.proc = subprocess.Popen([sys.executable, "-u", str(PROJECT_ROOT / "tests/warm_python.py")],
+                                             cwd=PROJECT_ROOT, env=env, stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, bufsize=0)
+                atexit.register(self.proc.stdin.close)  # its request loop ends, and with it the process
+            out, err = Path(tmp, "out"), Path(tmp, "err")
+            out.touch(), err.touch()
+            request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            pid = int(self._line(None))
+            try:
+                code = int(self._line(timeout))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self._line(None)
+                raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess([sys.executable, *argv], code, out.read_text(), err.read_text())
+
+    def _line(self, timeout: Optional[float]) -> str:
+        """The warm Python's next answer, read unbuffered so that ``select`` sees all that is pending."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        line = b""
+        while not line.endswith(b"\n"):
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.proc.stdout], [], [], wait)[0]:
+                raise subprocess.TimeoutExpired("warm_python", timeout)
+            byte = os.read(self.proc.stdout.fileno(), 1)
+            if not byte:
+                raise RuntimeError(f"tests/warm_python.py ended (exit status {self.proc.wait()})")
+            line += byte
+        return line.decode()
+
+
+_warm = _WarmPython()
 
 
 def debug_args(tmp: Path, *extra: str) -> List[str]:

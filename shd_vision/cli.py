@@ -5,6 +5,7 @@ line or the config files is reported in about a second."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import socket
 import sys
 import textwrap
 import traceback
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, List, NoReturn, Tuple
 
@@ -19,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
 from shd_vision.config import check_config  # importing it registers the schemas and resolvers Hydra composes with
 from shd_vision.errors import COMMAND, UnreadableImage, UserError, unreadable_message
@@ -161,6 +164,9 @@ def _describe(e: BaseException) -> str:
     unset = re.match(r"While dereferencing interpolation '\$\{(?:oc\.select:)?([\w.]+)[^']*': Incompatible value 'None'", str(e))
     if unset and getattr(e, "full_key", None) == "hydra.run.dir":  # pack.out: the run writes into it
         return f"{unset.group(1)} must be given: add {unset.group(1)}=DIR to the command (the folder it writes)."
+    unknown = _unknown_key(e)
+    if unknown:
+        return unknown
     head = str(e)
     if head.startswith("Error merging override "):  # Hydra's wording for a value of the wrong type
         head = head[len("Error merging override "):] + ":"
@@ -172,6 +178,22 @@ def _describe(e: BaseException) -> str:
     if "Got NoneType" in text:
         text += " (to leave a config group out, write ~group on the command line, e.g. ~teacher)."
     return text
+
+
+def _unknown_key(e: BaseException) -> str:
+    """A key its schema lacks (``checkpoint=`` for eval.py's ``ckpt=``): Hydra's advice to append it
+    with ``+`` fails on a schema too, so name the close keys instead."""
+    cause = e.__cause__
+    override = re.match(r"Could not override '[\w.]+'\.\s+To append to your config use \+(\S+)", str(e))
+    if not (override and isinstance(cause, ConfigAttributeError) and is_dataclass(cause.object_type)):
+        return ""
+    parent = cause.parent_node
+    keys = list(parent.keys()) if parent is not None else [f.name for f in fields(cause.object_type)]
+    prefix = cause.full_key.rpartition(".")[0]
+    close = [f"{prefix}.{k}" if prefix else k for k in difflib.get_close_matches(cause.key, keys, n=3, cutoff=0.5)]
+    hint = f"; close: {', '.join(close)}" if close else ""
+    return (f"{override.group(1)}: there is no key '{cause.key}' to set (Key '{cause.key}' not in "
+            f"'{cause.object_type.__name__}'){hint}. {_program()} --help lists every option.")
 
 
 def main(entry: Callable[[], Any]) -> None:

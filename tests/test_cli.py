@@ -34,6 +34,8 @@ def bad_input_cases(tmp, teacher_ckpt):
         "unwritable": ([f"hydra.run.dir={tmp}/a_file/run"], "a_file"),
         "unknown term": (["+kd.terms.magic.weight=1"], "no distillation method 'magic'"),
         "unknown term key": (["+kd.terms.shd.tau=2"], "Key 'tau' not in 'SHDConfig'"),
+        "unknown key": (["trainer.epoch=3"], "trainer.epoch=3: there is no key 'epoch' to set (Key 'epoch' not in "
+                        "'TrainerConfig'); close: trainer.epochs, trainer.export. python train.py --help lists"),
         "unknown study row": (["study=shd_median"], "study=shd_median: there is no conf/study/shd_median.yaml"),
         "batch size": (["data.batch_size=0"], "data.batch_size=0 is out of range"),
         "negative weight": (["kd.terms.logit.weight=-1"], "kd.terms.logit.weight=-1.0 is out of range"),
@@ -60,7 +62,7 @@ def bad_input_cases(tmp, teacher_ckpt):
 
 NAMES = ["unknown model", "unknown config", "data.root missing", "data.root malformed", "fashion-mnist missing",
          "teacher missing", "teacher corrupt", "teacher classes", "lr", "lr type", "epochs", "temperature",
-         "cuda", "unwritable", "unknown term", "unknown term key", "unknown study row", "batch size",
+         "cuda", "unwritable", "unknown term", "unknown term key", "unknown key", "unknown study row", "batch size",
          "negative weight", "no positive weight", "head divisor", "head count", "layer pair", "layer mapping", "merge",
          "shd on a cnn", "deit without token", "adkd view", "resume missing", "resume corrupt", "resume other run", "affine"]
 

@@ -35,8 +35,9 @@ def read_file(path: str | Path, what: str) -> Dict[str, Any]:
     if not path.is_file():
         found = (f"is a folder without {EXPORTED_WEIGHTS} (an exported student's weights)" if path.is_dir()
                  else "does not exist")
-        raise UserError(f"{what}={path} {found}; give the path of a checkpoint file "
-                        "(.pt or .pth from shd-vision or timm, or .safetensors).")
+        raise UserError(f"{what}={path} {found}; give the path of a checkpoint file (.pt or .pth from "
+                        f"shd-vision or timm, or .safetensors) or of a folder holding {EXPORTED_WEIGHTS}, "
+                        "such as a run's export/.")
     try:
         if path.suffix == ".safetensors":
             return load_safetensors(str(path), device="cpu")

@@ -42,6 +42,8 @@ def test_quickstart_compares_students_from_the_shipped_teacher_with_a_noise_colu
         picture = out / "shd" / "attention" / f"{name}.png"
         assert picture.is_file() and str(picture) in single.stdout
     assert "quickstart comparison" in single.stdout and str(out / "comparison.png") in single.stdout
+    log = (out / "quickstart.log").read_text()  # the console's record: the table and the students' runs
+    assert table.strip() in log and "=== student with kd=shd, seed 0 ===" in log and "run summary" in log
 
     other = run_cli("-m shd_vision.quickstart", *common, f"quickstart.reference={reference}",
                     "quickstart.methods=[none]", "optim.lr=0.001", "run_name=other")

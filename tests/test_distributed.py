@@ -14,6 +14,7 @@ import torch
 
 from conftest import THREADS, debug_args, run_cli
 from shd_vision.config import PROJECT_ROOT, _process_start_time, run_stamp
+from shd_vision.engine.guards import StopSignals
 from shd_vision.engine.runtime import cluster_env
 
 SYNTHETIC = ["data=synthetic", "data.train_size=128", "data.val_size=32", "trainer.threads=1", "kd=none",
@@ -26,13 +27,18 @@ def torchrun(*args, nproc=2, extra=()):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def sigterm_once_logged(cmd, log, text):
-    """Start ``cmd``, send its process SIGTERM once ``log`` shows ``text``; its output when it ends."""
-    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def sigterm_once_logged(cmd, log, text, sig=signal.SIGTERM, group=False):
+    """Start ``cmd``, send its process ``sig`` once ``log`` shows ``text`` (``group``: to every
+    process it started as well, as a terminal's Ctrl-C does); its output when it ends."""
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=group)
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and text in log.read_text()):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     return proc, proc.communicate(timeout=120)[0]
 
 
@@ -172,16 +178,17 @@ def test_a_sweep_through_submitit_local_with_two_tasks_per_job(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["sigterm", "ctrl-c"])
+def test_sigterm_saves_and_a_resumed_run_ends_where_an_uninterrupted_one_does(sig, group, tmp_path):
     common = [*debug_args(tmp_path), *SYNTHETIC, "trainer.max_steps=60", "trainer.epochs=10", "data.batch_size=8"]
     straight = run_cli("train.py", *common, f"hydra.run.dir={tmp_path}/straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
-    # with loader workers; the signal goes to the main process (a group-wide one, as SLURM sends,
-    # can kill a worker first and crash the loader: see docs/reliability.md)
+    # with loader workers. SIGTERM goes to the main process (a group-wide one, as SLURM sends, can
+    # kill a worker first and crash the loader: see docs/reliability.md); Ctrl-C to every process
     cmd = [sys.executable, "train.py", *common, f"hydra.run.dir={tmp_path}/stopped", "data.num_workers=2"]
-    proc, output = sigterm_once_logged(cmd, tmp_path / "stopped/train.log", "step 3/60")
+    proc, output = sigterm_once_logged(cmd, tmp_path / "stopped/train.log", "step 3/60", sig, group)
     assert proc.returncode == 0, output[-2000:]
-    assert "stopped by SIGTERM" in output and "trainer.resume=auto" in output
+    assert f"stopped by {sig.name}" in output and "trainer.resume=auto" in output and "Traceback" not in output
     stopped = weights(tmp_path / "stopped/checkpoints/last.pt")
     assert 3 <= stopped["state"]["step"] < 60
     command = output.split("Continue it (under the same launcher, if any) with:\n")[1].splitlines()[0]
@@ -190,6 +197,16 @@ def test_sigterm_saves_and_a_resumed_run_ends_where_an_uninterrupted_one_does(tm
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = weights(tmp_path / "straight/checkpoints/last.pt"), weights(tmp_path / "stopped/checkpoints/last.pt")
     assert b["state"]["step"] == 60 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as signals:
+        signal.raise_signal(signal.SIGINT)
+        assert signals.received == "SIGINT"  # the first one asks for a stop at the next step
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -401,16 +402,25 @@ def build_val_loader(cfg: DictConfig, val: Dataset, data_cfg: Dict[str, Any],
         _stream_options(cfg)
         val.set_loader_cfg(num_workers=cfg.num_workers)
         return DataLoader(val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-                          num_workers=cfg.num_workers, pin_memory=_pin(cfg), generator=_own_generator())
+                          num_workers=cfg.num_workers, pin_memory=_pin(cfg), generator=_own_generator(),
+                          worker_init_fn=_leave_ctrl_c_to_the_run)
     val = _guard(_subset(val, cfg.val_size, "data.val_size"), cfg, bad_record)
     return DataLoader(val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                       sampler=ShardSampler(len(val), rank, world), num_workers=cfg.num_workers,
-                      pin_memory=_pin(cfg), generator=_own_generator())
+                      pin_memory=_pin(cfg), generator=_own_generator(),
+                      worker_init_fn=_leave_ctrl_c_to_the_run)
 
 
 def _pin(cfg: DictConfig) -> bool:
     """``data.pin_memory`` where there is a GPU to copy to (PyTorch warns on every CPU-only run)."""
     return cfg.pin_memory and torch.cuda.is_available()
+
+
+def _leave_ctrl_c_to_the_run(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the loader workers too; PyTorch's workers end on it, and the run,
+    which stops at its next step with a checkpoint (engine/guards.py), would find them gone. They
+    ignore it: the loader's shutdown ends them by its own events."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _own_generator() -> torch.Generator:
@@ -439,7 +449,8 @@ def build_data(cfg: DictConfig, splits: Tuple[Dataset, Dataset, Sequence[str]], 
                         f"the training set ({len(sampler)} images); lower it or use more data.")
     train_loader = DataLoader(SeededItems(train), batch_size=cfg.batch_size, sampler=sampler,
                               num_workers=cfg.num_workers, pin_memory=_pin(cfg), drop_last=True,
-                              generator=_own_generator())
+                              generator=_own_generator(),
+                              worker_init_fn=_leave_ctrl_c_to_the_run)
     val_loader = build_val_loader(cfg, val, data_cfg, rank, world, bad_record)
     return Data(train_loader, val_loader, sampler, BatchFinish(cfg, data_cfg, len(classes), seed, rank), list(classes),
                 data_cfg, len(train), len(val_loader.dataset))
@@ -471,7 +482,8 @@ def _stream_data(cfg: DictConfig, train: IterableDataset, val: Dataset, classes:
     train.set_loader_cfg(num_workers=cfg.num_workers)
     _plan_stream_epoch(cfg, train.reader, world)
     loader = DataLoader(train, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=_pin(cfg),
-                        drop_last=True, generator=_own_generator())
+                        drop_last=True, generator=_own_generator(),
+                        worker_init_fn=_leave_ctrl_c_to_the_run)
     val_loader = build_val_loader(cfg, val, data_cfg, rank, world)
     return Data(loader, val_loader, StreamEpochs(loader, seed, rank), BatchFinish(cfg, data_cfg, len(classes), seed, rank),
                 list(classes), data_cfg, train.reader.per_worker * world * cfg.num_workers,

@@ -8,6 +8,7 @@ checkpoint, the end of an epoch), so that a bad state is never saved.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from typing import Any, Dict, List, Optional, Tuple
@@ -18,16 +19,19 @@ from torch import Tensor
 
 from shd_vision.engine import runtime
 
+log = logging.getLogger("shd_vision.train")
+
 
 class Stop(Exception):
     """A stop signal arrived; the loop ends at the step boundary where this is raised."""
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 (SLURM pre-emption, or ``--signal=USR1@90`` before a time limit) ask the
-    run to stop: it finishes the step in flight, saves a checkpoint and returns."""
+    """SIGTERM and SIGUSR1 (SLURM pre-emption, or ``--signal=USR1@90`` before a time limit) and a
+    first Ctrl-C (SIGINT) ask the run to stop: it finishes the step in flight, saves a checkpoint
+    and returns. A second Ctrl-C interrupts at once, as Python's default does."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: Optional[str] = None
@@ -40,6 +44,10 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self.received == "SIGINT":
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: the run stops after this step with a checkpoint; press it again to interrupt at once")
         self.received = signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:

@@ -187,8 +187,7 @@ def _unknown_key(e: BaseException) -> str:
     override = re.match(r"Could not override '[\w.]+'\.\s+To append to your config use \+(\S+)", str(e))
     if not (override and isinstance(cause, ConfigAttributeError) and is_dataclass(cause.object_type)):
         return ""
-    parent = cause.parent_node
-    keys = list(parent.keys()) if parent is not None else [f.name for f in fields(cause.object_type)]
+    keys = [f.name for f in fields(cause.object_type)]
     prefix = cause.full_key.rpartition(".")[0]
     close = [f"{prefix}.{k}" if prefix else k for k in difflib.get_close_matches(cause.key, keys, n=3, cutoff=0.5)]
     hint = f"; close: {', '.join(close)}" if close else ""

@@ -101,53 +101,53 @@ def teacher_row(checkpoint: Path) -> Optional[Dict[str, Any]]:
 def quickstart(cfg: DictConfig, overrides: List[str]) -> Dict[str, Any]:
     """Run the plan in ``cfg.quickstart``; ``overrides`` (train.py overrides) apply to every run."""
     out_dir = Path(cfg.paths.output_dir)
-    with run_logging(out_dir, True, "quickstart.log"):  # the console's lines, students' included
-        plan, common = cfg.quickstart, list(overrides)
-        if plan.retrain_teacher:
-            teacher_cfg = compose_train(list(plan.teacher) + common + ["trainer.resume=auto", "trainer.export=true"])
-            checkpoint = Path(teacher_cfg.paths.output_dir) / "export"
-            if (checkpoint / "model.safetensors").is_file():
-                log.info("reusing the teacher trained earlier, %s", checkpoint)
-            else:
-                log.info("training the teacher first (cached for later runs in %s)", checkpoint.parent)
-                train(teacher_cfg)
-            common = common + [f"teacher.checkpoint={checkpoint}"]
+    plan, common = cfg.quickstart, list(overrides)
+    if plan.retrain_teacher:
+        teacher_cfg = compose_train(list(plan.teacher) + common + ["trainer.resume=auto", "trainer.export=true"])
+        checkpoint = Path(teacher_cfg.paths.output_dir) / "export"
+        if (checkpoint / "model.safetensors").is_file():
+            log.info("reusing the teacher trained earlier, %s", checkpoint)
         else:
-            probe = compose_train(list(plan.students) + common + [f"kd={plan.methods[0]}"])
-            checkpoint = Path(probe.teacher.checkpoint)
-            log.info("teacher: %s", checkpoint)
-        reference = read_reference(plan.reference, plan_key(plan, common)) if len(plan.seeds) == 1 else None
-        runs: Dict[str, List[Dict[str, Any]]] = {m: [] for m in plan.methods}
-        for seed in plan.seeds:
-            for method in plan.methods:
-                log.info("=== student with kd=%s, seed %d ===", method, seed)
-                run_dir = out_dir / method / (f"seed{seed}" if len(plan.seeds) > 1 else "")
-                extra = list(plan.method_overrides.get(method, []))
-                run = compose_train(list(plan.students) + extra + common +
-                                    [f"kd={method}", f"seed={seed}", f"hydra.run.dir={run_dir}"])
-                runs[method].append(train(run)[0])
-        rows = sorted((aggregate(f"kd={m}", runs[m]) for m in plan.methods), key=lambda r: -r["top1"])
-        teacher = teacher_row(checkpoint)
-        table = comparison_table(rows + ([teacher] if teacher else []), reference)
-        # the students only: their epochs are passes over their subset, the teacher's over 60k images
-        curves = curves_png({r["label"]: read_jsonl(Path(r["run_dirs"][0]) / "metrics.jsonl") for r in rows},
-                            out_dir / "comparison.png", f"Fashion-MNIST quickstart students, seed {plan.seeds[0]}")
-        (out_dir / "comparison.md").write_text(table + "\n")
-        result = {"plan": plan_key(plan, common), "seeds": list(plan.seeds), "rows": rows, "teacher": teacher}
-        (out_dir / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
-        pictures = [str(curves)] + [p for r in rows for p in r["pictures"]]
-        note = ("" if reference else "\n(no reference spread for this plan: compare only differences larger "
-                "than the seed-to-seed spread docs/results.md reports)")
-        log.info("quickstart comparison (validation top-1 on Fashion-MNIST's 10k test images):\n%s%s\n\n"
-                 "pictures:\n  %s\nfiles: %s (comparison.md, comparison.json)", table, note,
-                 "\n  ".join(pictures), out_dir)
-        return {**result, "table": table, "pictures": pictures, "out_dir": str(out_dir)}
+            log.info("training the teacher first (cached for later runs in %s)", checkpoint.parent)
+            train(teacher_cfg)
+        common = common + [f"teacher.checkpoint={checkpoint}"]
+    else:
+        probe = compose_train(list(plan.students) + common + [f"kd={plan.methods[0]}"])
+        checkpoint = Path(probe.teacher.checkpoint)
+        log.info("teacher: %s", checkpoint)
+    reference = read_reference(plan.reference, plan_key(plan, common)) if len(plan.seeds) == 1 else None
+    runs: Dict[str, List[Dict[str, Any]]] = {m: [] for m in plan.methods}
+    for seed in plan.seeds:
+        for method in plan.methods:
+            log.info("=== student with kd=%s, seed %d ===", method, seed)
+            run_dir = out_dir / method / (f"seed{seed}" if len(plan.seeds) > 1 else "")
+            extra = list(plan.method_overrides.get(method, []))
+            run = compose_train(list(plan.students) + extra + common +
+                                [f"kd={method}", f"seed={seed}", f"hydra.run.dir={run_dir}"])
+            runs[method].append(train(run)[0])
+    rows = sorted((aggregate(f"kd={m}", runs[m]) for m in plan.methods), key=lambda r: -r["top1"])
+    teacher = teacher_row(checkpoint)
+    table = comparison_table(rows + ([teacher] if teacher else []), reference)
+    # the students only: their epochs are passes over their subset, the teacher's over 60k images
+    curves = curves_png({r["label"]: read_jsonl(Path(r["run_dirs"][0]) / "metrics.jsonl") for r in rows},
+                        out_dir / "comparison.png", f"Fashion-MNIST quickstart students, seed {plan.seeds[0]}")
+    (out_dir / "comparison.md").write_text(table + "\n")
+    result = {"plan": plan_key(plan, common), "seeds": list(plan.seeds), "rows": rows, "teacher": teacher}
+    (out_dir / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+    pictures = [str(curves)] + [p for r in rows for p in r["pictures"]]
+    note = ("" if reference else "\n(no reference spread for this plan: compare only differences larger "
+            "than the seed-to-seed spread docs/results.md reports)")
+    log.info("quickstart comparison (validation top-1 on Fashion-MNIST's 10k test images):\n%s%s\n\n"
+             "pictures:\n  %s\nfiles: %s (comparison.md, comparison.json)", table, note,
+             "\n  ".join(pictures), out_dir)
+    return {**result, "table": table, "pictures": pictures, "out_dir": str(out_dir)}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="quickstart")
 def main(cfg: DictConfig) -> None:
     overrides = shared_overrides(list(HydraConfig.get().overrides.task))
-    cli.run_task(lambda c: quickstart(c, overrides), cfg)
+    with run_logging(Path(cfg.paths.output_dir), True, "quickstart.log"):  # the console's lines, students' too
+        cli.run_task(lambda c: quickstart(c, overrides), cfg)
 
 
 if __name__ == "__main__":

@@ -307,11 +307,12 @@ class Run:
     def _fit(self) -> Dict[str, Any]:
         tr = self.cfg.trainer
         if self.teacher is not None and tr.eval_teacher:
-            if not self.cached:
+            if self.cached:
+                self.teacher_top1 = self.teacher.val_top1
+            else:
                 log.info("measuring the teacher's top-1 on the validation images first (trainer.eval_teacher=false "
                          "skips it)")
-            self.teacher_top1 = (self.teacher.val_top1 if self.cached else
-                                 self._validate(self.teacher.predict, "the teacher")["top1"])
+                self.teacher_top1 = self._validate(self.teacher.predict, "the teacher")["top1"]
             if self.teacher_top1 is None:
                 log.info("teacher top-1 on the validation set: not known (its cache was measured on other images)")
             else:
